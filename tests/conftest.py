@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny random-weight Llama and a byte-level tokenizer made here, no downloads."""
+import pytest
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+CORPUS = [
+    "A conversation between User and Assistant. The User asks a question and the Assistant answers it.",
+    "<think> reasoning here </think> <answer> answer here </answer> Let's think step by step.",
+    "How do I bake bread? Write a poem about the sea. I can't help with that. Sure, here is how.",
+    "You are a red-teaming assistant that writes adversarial prompts for testing language models.",
+]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    # like SmolLM2: the end-of-turn token is both EOS and pad, so masks must not be built from pad ids
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                   bos_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+
+
+def make_model(tokenizer, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         initializer_range=0.2,  # peaky logits: no near-ties for greedy decoding to trip on
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, tokenizer): a 2-layer random Llama over a 400-token byte-level BPE."""
+    tokenizer = make_tokenizer()
+    return make_model(tokenizer), tokenizer
