@@ -26,10 +26,10 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
-	$(PY) bench.py --batch 8 --new-tokens 128 --dtype float32 --no-no-cache-baseline
-	$(PY) bench.py --batch 16 --new-tokens 128 --dtype float32 --no-no-cache-baseline
-	$(PY) bench.py --batch 16 --new-tokens 128 --dtype bfloat16 --no-no-cache-baseline
-	$(PY) bench.py --batch 8 --new-tokens 128 --dtype bfloat16
+	$(PY) bench.py --batch 8 --new-tokens 128 --dtype float32 --repeats 2 --no-no-cache-baseline
+	$(PY) bench.py --batch 16 --new-tokens 128 --dtype float32 --repeats 2 --no-no-cache-baseline
+	$(PY) bench.py --batch 16 --new-tokens 128 --dtype bfloat16 --repeats 2 --no-no-cache-baseline
+	$(PY) bench.py --batch 8 --new-tokens 128 --dtype bfloat16 --repeats 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache __pycache__ tests/__pycache__

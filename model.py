@@ -64,6 +64,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_has_bf16() -> bool:
+    """AVX-512 BF16 (or AMX) makes bfloat16 matmuls fast on a CPU; elsewhere they are slow."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -105,9 +115,19 @@ def _gguf_to_cached_folder(gguf: Path) -> Path:
     tmp.parent.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, folder)
+    publish_folder(tmp, folder)
     print(f"converted in {time.time() - t0:.1f} s", file=sys.stderr)
     return folder
+
+
+def publish_folder(tmp: Path, folder: Path):
+    """Rename a finished temporary folder into place; if another process got there first, keep theirs."""
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_policy_path(name_or_path: str | None) -> str:
@@ -128,7 +148,7 @@ def resolve_policy_path(name_or_path: str | None) -> str:
     return name_or_path  # a Hugging Face model id
 
 
-def load_policy(name_or_path=None, device=None, dtype=None):
+def load_policy(name_or_path=None, device=None, dtype=None, require_chat_template=True):
     """Load (model, tokenizer). None means the bundled SmolLM2-135M-Instruct.
 
     `name_or_path`: None/"default", a Hugging Face id, a local model folder, or a .gguf file.
@@ -136,7 +156,9 @@ def load_policy(name_or_path=None, device=None, dtype=None):
     training uses bf16 *autocast* over float32 weights instead, see selfplay.py).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar for a sub-second load is noise
     device = device or default_device()
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
@@ -154,7 +176,7 @@ def load_policy(name_or_path=None, device=None, dtype=None):
         raise UserError(f"'{name_or_path}' is not a causal language model transformers can load: {e}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if not getattr(tokenizer, "chat_template", None):
+    if require_chat_template and not getattr(tokenizer, "chat_template", None):
         raise UserError(f"'{name_or_path}' has no chat template; the role prompts need one")
     return model.to(device), tokenizer
 

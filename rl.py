@@ -1,7 +1,86 @@
-"""The RL maths, pure tensor functions. NOT BUILT YET (issue: "The self-play game and the PPO loss").
+"""The RL maths of Self-RedTeam: pure tensor functions, no models, no judges.
 
-What will live here: the k1 KL penalty folded into per-token rewards (beta = 0.01) with the game
-reward on the last token, REINFORCE++ return-to-go (gamma = 1), advantage whitening separately per
-role, the PPO clipped surrogate (epsilon = 0.2) as a masked mean per sequence, and diagnostics
-(approx KL, clip fraction, entropy, ratio mean). It imports neither models nor judges.
+The released code runs REINFORCE++ (OpenRLHF `--advantage_estimator reinforce`) with a PPO clip:
+  1. token rewards: r_t = -beta * (log pi(a_t) - log pi_ref(a_t))   (k1 KL estimate, in the reward)
+                    plus the game reward on the last generated token;
+  2. returns:       G_t = sum_{k >= t} gamma^(k - t) r_k, gamma = 1   (no critic: advantage = return);
+  3. whitening:     advantages normalised to mean 0, std 1 *separately for attacker and defender
+                    tokens*, so one role's reward scale does not drown the other's;
+  4. loss:          PPO clipped surrogate, epsilon = 0.2, a masked mean over each sequence's tokens,
+                    then a mean over sequences.
+Shapes: (batch, time) over the generated tokens of each sample; `mask` is 1 on real tokens.
 """
+import torch
+
+ATTACKER, DEFENDER = 0, 1  # role ids, one per sample
+
+
+def masked_mean(x, mask, dim=None):
+    """Mean of x where mask is 1 (over everything, or along `dim`)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def kl_shaped_rewards(logp_BT, ref_logp_BT, mask_BT, game_reward_B, beta=0.01):
+    """Per-token rewards: -beta * k1 KL on every token, plus the game reward on the last one.
+
+    k1 = log pi - log pi_ref is an unbiased estimate of KL(pi || pi_ref) on tokens sampled from pi;
+    putting it in the reward (not in the loss, as k3 is sometimes used) keeps the gradient unbiased.
+    Returns (rewards_BT, kl_BT).
+    """
+    kl_BT = (logp_BT - ref_logp_BT) * mask_BT
+    rewards_BT = -beta * kl_BT
+    last_B = (mask_BT.sum(1) - 1).clamp(min=0).long()  # generated tokens start at column 0
+    rewards_BT = rewards_BT.scatter_add(1, last_B[:, None], game_reward_B.to(rewards_BT.dtype)[:, None])
+    return rewards_BT * mask_BT, kl_BT
+
+
+def returns_to_go(rewards_BT, mask_BT, gamma=1.0):
+    """G_t = r_t + gamma * G_{t+1}: with gamma = 1, a reversed cumulative sum."""
+    rewards_BT = rewards_BT * mask_BT
+    if gamma == 1.0:
+        return rewards_BT.flip(1).cumsum(1).flip(1) * mask_BT
+    returns_BT = torch.zeros_like(rewards_BT)
+    running = torch.zeros_like(rewards_BT[:, 0])
+    for t in reversed(range(rewards_BT.shape[1])):
+        running = rewards_BT[:, t] + gamma * running
+        returns_BT[:, t] = running
+    return returns_BT * mask_BT
+
+
+def whiten_per_role(advantages_BT, mask_BT, role_B, eps=1e-8):
+    """Normalise advantages to mean 0 / std 1 over the tokens of each role separately.
+
+    A role with no samples in the batch is skipped (attacker-only and defender-only modes).
+    """
+    out = torch.zeros_like(advantages_BT)
+    for role in (ATTACKER, DEFENDER):
+        rows = role_B == role
+        if not rows.any():
+            continue
+        m = mask_BT * rows[:, None].to(mask_BT.dtype)
+        mean = masked_mean(advantages_BT, m)
+        var = masked_mean((advantages_BT - mean) ** 2, m)
+        out = torch.where(m.bool(), (advantages_BT - mean) / (var.sqrt() + eps), out)
+    return out
+
+
+def ppo_loss(logp_BT, old_logp_BT, advantages_BT, mask_BT, clip_eps=0.2):
+    """PPO clipped surrogate, a masked mean per sequence, then the mean over sequences.
+
+    Returns (loss, stats) where stats holds detached diagnostics: approx KL ((r - 1) - log r,
+    always >= 0), the share of tokens whose ratio was clipped, and the mean ratio.
+    """
+    log_ratio_BT = (logp_BT - old_logp_BT) * mask_BT
+    ratio_BT = log_ratio_BT.exp()
+    unclipped = ratio_BT * advantages_BT
+    clipped = ratio_BT.clamp(1 - clip_eps, 1 + clip_eps) * advantages_BT
+    per_token = -torch.minimum(unclipped, clipped)
+    loss = masked_mean(per_token, mask_BT, dim=1).mean()
+    with torch.no_grad():
+        stats = {"approx_kl": masked_mean((ratio_BT - 1) - log_ratio_BT, mask_BT).item(),
+                 "clip_frac": masked_mean(((ratio_BT - 1).abs() > clip_eps).float(), mask_BT).item(),
+                 "ratio_mean": masked_mean(ratio_BT, mask_BT).item()}
+    return loss, stats

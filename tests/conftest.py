@@ -46,3 +46,31 @@ def tiny():
     """(model, tokenizer): a 2-layer random Llama over a 400-token byte-level BPE."""
     tokenizer = make_tokenizer()
     return make_model(tokenizer), tokenizer
+
+
+def make_encoder(seed=0):
+    """A 2-layer random BERT and a WordPiece tokenizer trained here: the judge's mechanics, no downloads."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=300, show_progress=False,
+                                                              special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                        cls_token="[CLS]", sep_token="[SEP]")
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=256)
+    return BertModel(config).eval(), tokenizer
+
+
+@pytest.fixture()
+def tiny_judge():
+    import judge as J
+    encoder, tokenizer = make_encoder()
+    return J.EncoderJudge(encoder, tokenizer, max_len=64).eval()

@@ -1,0 +1,64 @@
+"""rl.py against hand-computed tensors."""
+import torch
+
+import rl
+
+MASK = torch.tensor([[1., 1., 1.], [1., 1., 0.]])
+
+
+def test_kl_shaped_rewards_put_the_game_reward_on_the_last_real_token():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.3, -9.0]])
+    ref = torch.tensor([[-1.5, -2.0, -1.0], [-0.2, -0.1, -1.0]])
+    rewards, kl = rl.kl_shaped_rewards(logp, ref, MASK, torch.tensor([2.0, -1.0]), beta=0.1)
+    torch.testing.assert_close(kl, torch.tensor([[0.5, 0.0, 0.5], [0.0, -0.2, 0.0]]))
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.0, -0.05 + 2.0], [0.0, 0.02 - 1.0, 0.0]]))
+
+
+def test_returns_to_go():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 99.0]])
+    torch.testing.assert_close(rl.returns_to_go(rewards, MASK), torch.tensor([[6.0, 5.0, 3.0], [9.0, 5.0, 0.0]]))
+    torch.testing.assert_close(rl.returns_to_go(rewards, MASK, gamma=0.5),
+                               torch.tensor([[1 + 0.5 * (2 + 0.5 * 3), 2 + 0.5 * 3, 3.0], [4 + 0.5 * 5, 5.0, 0.0]]))
+
+
+def test_whitening_is_separate_per_role():
+    adv = torch.tensor([[1.0, 3.0, 0.0], [10.0, 30.0, 0.0], [20.0, 40.0, 0.0]])
+    mask = torch.tensor([[1., 1., 0.], [1., 1., 0.], [1., 1., 0.]])
+    role = torch.tensor([rl.ATTACKER, rl.DEFENDER, rl.DEFENDER])
+    out = rl.whiten_per_role(adv, mask, role)
+    torch.testing.assert_close(out[0, :2], torch.tensor([-1.0, 1.0]))  # attacker tokens: mean 2, std 1
+    d = torch.tensor([10.0, 30.0, 20.0, 40.0])
+    expected = (d - 25.0) / ((d - 25.0).pow(2).mean().sqrt())  # defender tokens, population std
+    torch.testing.assert_close(torch.cat([out[1, :2], out[2, :2]]), expected)
+    assert bool((out[:, 2] == 0).all())
+
+
+def test_whitening_skips_a_role_with_no_samples():
+    adv = torch.tensor([[1.0, 3.0]])
+    out = rl.whiten_per_role(adv, torch.ones(1, 2), torch.tensor([rl.DEFENDER]))
+    torch.testing.assert_close(out, torch.tensor([[-1.0, 1.0]]))
+
+
+def test_ppo_loss_equals_policy_gradient_when_the_ratio_is_one():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.3, -9.0]], requires_grad=True)
+    adv = torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.0, 7.0]])
+    loss, stats = rl.ppo_loss(logp, logp.detach(), adv, MASK)
+    pg = -((adv * MASK).sum(1) / MASK.sum(1)).mean()  # ratio 1: -mean of advantages
+    torch.testing.assert_close(loss, pg)
+    loss.backward()
+    expected_grad = -(adv * MASK) / MASK.sum(1, keepdim=True) / 2  # d ratio / d logp = 1 at ratio 1
+    torch.testing.assert_close(logp.grad, expected_grad)
+    assert stats == {"approx_kl": 0.0, "clip_frac": 0.0, "ratio_mean": 1.0}
+
+
+def test_ppo_loss_clips():
+    old = torch.zeros(1, 2)
+    new = torch.log(torch.tensor([[1.5, 0.5]])).requires_grad_()
+    adv = torch.tensor([[1.0, -1.0]])
+    loss, stats = rl.ppo_loss(new, old, adv, torch.ones(1, 2), clip_eps=0.2)
+    # token 0: min(1.5, 1.2) * 1 = 1.2 (clipped); token 1: min(-0.5, -0.8) = -0.8 (clipped)
+    torch.testing.assert_close(loss, -torch.tensor((1.2 - 0.8) / 2))
+    loss.backward()
+    assert bool((new.grad == 0).all())  # both clipped: no gradient
+    assert stats["clip_frac"] == 1.0 and abs(stats["ratio_mean"] - 1.0) < 1e-6
+    assert stats["approx_kl"] > 0
