@@ -192,12 +192,6 @@ class EncoderJudge(torch.nn.Module):
         hidden = self.encoder(**enc).last_hidden_state
         return mean_pool(hidden, enc["attention_mask"])
 
-    def logits(self, prompts, responses):
-        """(n, 3) logits; the prompt head reads the prompt alone so it means the same with or without a response."""
-        prompt_logit = self.heads(self.embed(prompts))[:, 0]
-        pair_logits = self.heads(self.embed(prompts, responses))[:, 1:]
-        return torch.cat([prompt_logit[:, None], pair_logits], dim=1)
-
     @torch.inference_mode()
     def __call__(self, prompts, responses=None, batch_size=32):
         responses = responses or [None] * len(prompts)
@@ -206,13 +200,16 @@ class EncoderJudge(torch.nn.Module):
         verdicts = []
         for i in range(0, len(prompts), batch_size):
             p, r = list(prompts[i:i + batch_size]), list(responses[i:i + batch_size])
-            probs = torch.sigmoid(self.heads(self.embed(p))[:, 0]).tolist()
+            # the prompt head reads the prompt alone, so it means the same with or without a response
+            prompt_probs = torch.sigmoid(self.heads(self.embed(p))[:, 0]).tolist()
             have = [j for j, x in enumerate(r) if x is not None]
-            pair = torch.sigmoid(self.heads(self.embed([p[j] for j in have], [r[j] for j in have]))[:, 1:]).tolist() if have else []
-            pair = dict(zip(have, pair))
+            response_probs = {}
+            if have:
+                probs = torch.sigmoid(self.heads(self.embed([p[j] for j in have], [r[j] for j in have]))[:, 1:])
+                response_probs = dict(zip(have, probs.tolist()))
             for j in range(len(p)):
-                refusal, harmful = pair.get(j, (None, None))
-                verdicts.append({"prompt_harmful": probs[j], "response_refusal": refusal, "response_harmful": harmful})
+                refusal, harmful = response_probs.get(j, (None, None))
+                verdicts.append({"prompt_harmful": prompt_probs[j], "response_refusal": refusal, "response_harmful": harmful})
         self.train(was_training)
         return verdicts
 
