@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+import sampler as S
 
 SEEDS = ["data/seeds/harmful_train.jsonl", "data/seeds/benign_train.jsonl"]
 
@@ -114,7 +115,7 @@ def main():
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     def ours(use_cache=True):
-        return M.sample(model, ids, mask, N, T, top_p, generator=torch.Generator(device).manual_seed(0),
+        return S.sample(model, ids, mask, N, T, top_p, generator=torch.Generator(device).manual_seed(0),
                         pad_token_id=pad, use_cache=use_cache)
 
     times = best_times({"sampler": ours,
@@ -129,16 +130,16 @@ def main():
         n = max(tokens.shape[1], reference.shape[1])
         return torch.equal(F.pad(tokens, (0, n - tokens.shape[1]), value=pad), F.pad(reference, (0, n - reference.shape[1]), value=pad))
 
-    greedy = M.sample(model, ids, mask, N, 0.0, eos_token_id=eos, pad_token_id=pad)
+    greedy = S.sample(model, ids, mask, N, 0.0, eos_token_id=eos, pad_token_id=pad)
     greedy_match = same_as_reference(greedy.tokens)
     # the plain prefill does exactly what generate does; sharing the prefix changes the order of float sums
-    greedy_match_plain = same_as_reference(M.sample(model, ids, mask, N, 0.0, eos_token_id=eos, pad_token_id=pad,
+    greedy_match_plain = same_as_reference(S.sample(model, ids, mask, N, 0.0, eos_token_id=eos, pad_token_id=pad,
                                                     share_prefix=False).tokens)
     greedy_tokens = int(greedy.mask.sum())
     # generate pads after EOS with the pad id (= EOS here): count up to each row's first EOS
     is_eos = (reference == eos).long()
     reference_tokens = int(((is_eos.cumsum(1) - is_eos) == 0).sum())
-    greedy_times = best_times({"sampler": lambda: M.sample(model, ids, mask, N, 0.0, eos_token_id=eos, pad_token_id=pad),
+    greedy_times = best_times({"sampler": lambda: S.sample(model, ids, mask, N, 0.0, eos_token_id=eos, pad_token_id=pad),
                                "generate": lambda: hf_generate(model, ids, mask, N, 0.0, 1.0, eos, pad)}, args.repeats)
     t_greedy, t_greedy_hf = greedy_times["sampler"], greedy_times["generate"]
 
@@ -152,7 +153,7 @@ def main():
     print(f"{'greedy, EOS on: sampler':<28}{t_greedy:>10.2f}{greedy_tokens / t_greedy:>12.1f}{greedy_ratio:>13.2f}x")
     print(f"{'greedy, EOS on: generate':<28}{t_greedy_hf:>10.2f}{reference_tokens / t_greedy_hf:>12.1f}{1:>13.2f}x")
     print(f"greedy tokens equal generate's: {greedy_match} (plain prefill: {greedy_match_plain}); "
-          f"shared prompt prefix: {M.shared_prefix_length(ids, mask)} tokens; model load from cache: {load['cached_load_s']} s")
+          f"shared prompt prefix: {S.shared_prefix_length(ids, mask)} tokens; model load from cache: {load['cached_load_s']} s")
 
     result = {
         "sampler_tok_s": tok_s["sampler"], "hf_generate_tok_s": tok_s["hf_generate"],

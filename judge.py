@@ -123,7 +123,8 @@ class LMJudge:
     """A causal LM (e.g. allenai/wildguard) asked the three questions; greedy, 32 new tokens."""
 
     def __init__(self, name_or_path, device=None):
-        from model import encode_prompts, sample
+        from model import encode_prompts
+        from sampler import sample
         self._encode, self._sample = encode_prompts, sample
         self.model, self.tokenizer = load_policy(name_or_path, device=device, require_chat_template=False)
         self.name = name_or_path

