@@ -345,8 +345,9 @@ def load_judge(spec="default", device=None):
 # CLI: label a JSONL file, or report the judge's accuracy
 
 
-def read_pairs(path):
-    """Validated (prompt, response-or-None, row) from a JSONL file; a bad line is a UserError naming it."""
+def read_prompt_rows(path, check=None):
+    """The objects of a JSONL file, each with a string 'prompt'. A bad line is a UserError naming
+    its number; `check(row)` may return one more complaint about a row."""
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as e:
@@ -361,10 +362,17 @@ def read_pairs(path):
             raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise UserError(f"{path} line {n}: needs an object with a string 'prompt'")
-        if not isinstance(row.get("response"), (str, type(None))):
-            raise UserError(f"{path} line {n}: 'response' must be a string or null")
+        problem = check(row) if check else None
+        if problem:
+            raise UserError(f"{path} line {n}: {problem}")
         rows.append(row)
     return rows
+
+
+def read_pairs(path):
+    """(prompt, optional response) rows of a JSONL file, validated."""
+    return read_prompt_rows(path, lambda row: None if isinstance(row.get("response"), (str, type(None)))
+                            else "'response' must be a string or null")
 
 
 def write_jsonl_atomic(path, rows):
