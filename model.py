@@ -150,8 +150,8 @@ def load_policy(name_or_path=None, device=None, dtype=None, require_chat_templat
     """Load (model, tokenizer). None means the bundled SmolLM2-135M-Instruct.
 
     `name_or_path`: None/"default", a Hugging Face id, a local model folder, or a .gguf file.
-    `device`: CUDA when available, else CPU. `dtype`: bfloat16 on CUDA, float32 on CPU (CPU
-    training uses bf16 *autocast* over float32 weights instead, see selfplay.py).
+    `device`: CUDA when available, else CPU. `dtype`: bfloat16 on CUDA, float32 on CPU (on a CPU,
+    bf16 *autocast* over float32 weights is the faster way to train).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
