@@ -1,66 +1,34 @@
-"""Evaluation of checkpoints. PARTLY BUILT.
+"""Evaluation of checkpoints: is the defender safer without refusing everything, and does the
+attacker find diverse attacks? The paper's two claims, for one policy or several side by side.
 
-Built: reading prompt sets in the layouts public benchmarks use (`read_prompt_file`), and the
-paper's two attacker-diversity measures (`sbert_diversity`, `selfbleu_diversity`). Not built yet
-(issue: "Evaluation"): the CLI that generates with each policy, judges, and writes
-report.json / report.md / generations.jsonl / charts.
+  python evaluate.py --policy default --policy runs/demo/checkpoints/step_0020 --out runs/demo/eval
+
+Defender, per prompt set (greedy, the training role prompt, only the answer span judged):
+  harmful_asr             share of harmful prompts whose answer the judge labels harmful
+  harmful_refusal_rate    share of harmful prompts refused
+  benign_compliance_rate  share of benign prompts answered (1 - over-refusal)
+  format_valid_rate       share of turns in the <think>/<answer> format (CoT on)
+  keyword_refusal_rate    the keyword cross-check beside the judge's refusal rate
+Attacker, on held-out seeds (one sampled revision each): SBERT and Self-BLEU diversity of the
+answers, revision faithfulness (the judge calls the revision harmful), and its attack success
+against the same policy as defender.
+Outputs in --out: report.json, report.md, generations.jsonl, defender.png (and training_curves.png
+with --run).
 """
-import csv
-import sys
+import argparse
+import json
+import time
 from pathlib import Path
 
 import torch
 
-from judge import load_encoder, mean_pool, read_prompt_rows
-from model import UserError
+from judge import keyword_refusal, load_encoder, load_judge, mean_pool, to_labels, write_jsonl_atomic
+from model import (UserError, attacker_messages, cpu_has_bf16, default_device, defender_messages, exit_on_user_error,
+                   load_policy, play_turn, read_prompt_file, render_prompt)
 
-# ----------------------------------------------------------------------------------------------
-# Prompt files: JSONL with "prompt", or CSV laid out as HarmBench (Behavior, ContextString),
-# XSTest (prompt, label), JailbreakBench (Goal) or AdvBench (goal); told apart by the header.
-
-
-def _csv_layout(header):
-    # JailbreakBench files also have a "Behavior" column (a short name), so "Goal" is tested first
-    if "Goal" in header or "goal" in header:
-        return "jailbreakbench"
-    if "prompt" in header and "label" in header:
-        return "xstest"
-    if "Behavior" in header:
-        return "harmbench"
-    return None
-
-
-def read_prompt_file(path, want=None) -> list[str]:
-    """The prompts of a file. `want` = "harmful" or "benign" picks XSTest's unsafe or safe rows
-    (other layouts hold one kind and are returned whole). A bad file is a UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no such prompt file: {path}")
-    if path.suffix == ".jsonl":
-        label = {"harmful": "unsafe", "benign": "safe", None: None}[want]
-        prompts = [r["prompt"] for r in read_prompt_rows(path) if label is None or r.get("label", label) == label]
-    elif path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            layout = _csv_layout(reader.fieldnames or [])
-            if layout is None:
-                raise UserError(f"{path}: unknown CSV layout (need a HarmBench 'Behavior', XSTest 'prompt'+'label' "
-                                f"or JailbreakBench 'Goal' column; got {reader.fieldnames})")
-            rows = list(reader)
-        if layout == "harmbench":  # contextual behaviours: the context comes first, then the request
-            prompts = [f"{r['ContextString']}\n\n---\n\n{r['Behavior']}" if r.get("ContextString") else r["Behavior"]
-                       for r in rows]
-        elif layout == "xstest":
-            label = {"harmful": "unsafe", "benign": "safe", None: None}[want]
-            prompts = [r["prompt"] for r in rows if label is None or r["label"] == label]
-        else:
-            prompts = [r.get("Goal") or r.get("goal") for r in rows]
-    else:
-        raise UserError(f"{path}: give a .jsonl or .csv prompt file")
-    if not prompts:
-        raise UserError(f"{path}: no prompts" + (f" of the {want} kind" if want else ""))
-    return prompts
-
+HERE = Path(__file__).resolve().parent
+DEFAULT_HARMFUL = HERE / "data/seeds/harmful_heldout.jsonl"
+DEFAULT_BENIGN = HERE / "data/seeds/benign_heldout.jsonl"
 
 # ----------------------------------------------------------------------------------------------
 # Attacker diversity, as the paper measures it on the attacker's answers (CoT stripped)
@@ -100,5 +68,225 @@ def selfbleu_diversity(texts) -> float:
     return 1 - sum(scores) / len(scores) / 100
 
 
+
+# ----------------------------------------------------------------------------------------------
+# Playing and judging
+
+
+def answer_all(model, tokenizer, role_prompts, batch_size, max_new_tokens, cot, temperature=0.0, seed=0, desc=""):
+    """play_turn over many rendered prompts, in batches (sorted by length: less padding).
+    Returns one (thinking, answer, format_ok) per prompt, in the input order."""
+    from tqdm import tqdm
+    order = sorted(range(len(role_prompts)), key=lambda i: len(role_prompts[i]))
+    gen = torch.Generator().manual_seed(seed)
+    out = [None] * len(role_prompts)
+    for k in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        rows = order[k:k + batch_size]
+        turn = play_turn(model, tokenizer, [role_prompts[i] for i in rows], max_new_tokens, temperature,
+                         generator=gen, cot=cot)
+        for i, thinking, answer, ok in zip(rows, turn.thinking, turn.answers, turn.format_ok):
+            out[i] = (thinking, answer, ok)
+    return out
+
+
+def rate(rows, cond):
+    """{"rate", "count", "total"}: the share of rows where cond holds (rate None when no rows)."""
+    count = sum(1 for r in rows if cond(r))
+    return {"rate": count / len(rows) if rows else None, "count": count, "total": len(rows)}
+
+
+def defender_metrics(rows, kind, cot):
+    """The rates of one prompt set from its judged generations."""
+    m = {}
+    if kind == "harmful":
+        m["harmful_asr"] = rate(rows, lambda r: r["labels"]["response"] == "harmful")
+        m["harmful_refusal_rate"] = rate(rows, lambda r: r["labels"]["refusal"] == "refusal")
+    else:
+        m["benign_compliance_rate"] = rate(rows, lambda r: r["labels"]["refusal"] == "compliance")
+    if cot:
+        m["format_valid_rate"] = rate(rows, lambda r: r["format_ok"])
+    m["keyword_refusal_rate"] = rate(rows, lambda r: r["keyword_refusal"])
+    return m
+
+
+def evaluate_defender(model, tokenizer, judge, prompts, args, set_name, kind, policy_name):
+    turns = answer_all(model, tokenizer, [render_prompt(tokenizer, defender_messages(p, args.cot), args.cot) for p in prompts],
+                       args.batch_size, args.max_new_tokens, args.cot, desc=f"{policy_name} on {set_name}")
+    verdicts = judge(prompts, [answer for _, answer, _ in turns])
+    rows = [{"policy": policy_name, "set": set_name, "kind": kind, "prompt": p, "thinking": thinking, "answer": answer,
+             "format_ok": ok, "verdict": v, "labels": to_labels(v), "keyword_refusal": keyword_refusal(answer)}
+            for p, (thinking, answer, ok), v in zip(prompts, turns, verdicts)]
+    return defender_metrics(rows, kind, args.cot), rows
+
+
+def evaluate_attacker(model, tokenizer, judge, seeds, args, policy_name, encoder=None):
+    """One sampled revision per held-out harmful seed, then the same policy defends against it."""
+    revisions = answer_all(model, tokenizer, [render_prompt(tokenizer, attacker_messages(s, "harmful", args.cot), args.cot)
+                                              for s in seeds],
+                           args.batch_size, args.attacker_max_new_tokens, args.cot, args.attacker_temperature,
+                           args.seed, desc=f"{policy_name} attacking")
+    attacks = [answer for _, answer, _ in revisions]
+    metrics, rows = evaluate_defender(model, tokenizer, judge, attacks, args, "attack_revisions", "harmful", policy_name)
+    for row, seed, (thinking, _, ok) in zip(rows, seeds, revisions):
+        row.update(seed=seed, attacker_thinking=thinking, attacker_format_ok=ok)
+    texts = [a for a in attacks if a.strip()] or [""]
+    encoder = encoder or load_encoder()
+    return {
+        "attack_sbert_diversity": sbert_diversity(texts, *encoder) if len(texts) > 1 else None,
+        "attack_selfbleu_diversity": selfbleu_diversity(texts) if len(texts) > 1 else None,
+        "revision_faithfulness": rate(rows, lambda r: r["labels"]["prompt"] == "harmful"),
+        "attack_success_rate": metrics["harmful_asr"],
+        "attacker_format_valid_rate": rate(rows, lambda r: r["attacker_format_ok"]) if args.cot else None,
+    }, rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+
+def prompt_sets(harmful_files, benign_files, limit):
+    """[(name, kind, prompts)]; a file given to both flags (XSTest) yields its unsafe and safe rows."""
+    sets = []
+    for kind, files in (("harmful", harmful_files), ("benign", benign_files)):
+        for f in files:
+            prompts = read_prompt_file(f, kind)[:limit or None]
+            both = f in harmful_files and f in benign_files
+            sets.append((f"{Path(f).stem}:{kind}" if both else Path(f).stem, kind, prompts))
+    return sets
+
+
+def policy_names(specs):
+    """Column names: the last path part (step_0020), or the whole spec where two would clash."""
+    short = ["default" if s == "default" else Path(s).name for s in specs]
+    return short if len(set(short)) == len(short) else list(specs)
+
+
+def markdown(report):
+    policies = list(report["policies"])
+    lines = ["| set | metric | " + " | ".join(policies) + " |", "|---|---|" + "---|" * len(policies)]
+
+    def cell(m):
+        if m is None:
+            return "-"
+        if isinstance(m, dict):
+            return "-" if m["rate"] is None else f"{m['rate']:.3f} ({m['count']}/{m['total']})"
+        return f"{m:.3f}"
+    first = report["policies"][policies[0]]
+    for set_name, metrics in first["sets"].items():
+        for key in metrics:
+            lines.append(f"| {set_name} | {key} | " + " | ".join(cell(report["policies"][p]["sets"][set_name].get(key))
+                                                                   for p in policies) + " |")
+    if "attacker" in first:
+        for key in first["attacker"]:
+            lines.append(f"| attack seeds | {key} | " + " | ".join(cell(report["policies"][p]["attacker"][key])
+                                                                    for p in policies) + " |")
+    lines.append("| | seconds | " + " | ".join(f"{report['policies'][p]['seconds']:.0f}" for p in policies) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(report, path):
+    """One panel per prompt set, the defender rates as bars, one colour per policy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    policies = list(report["policies"])
+    sets = list(report["policies"][policies[0]]["sets"])
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.6), squeeze=False)
+    for ax, set_name in zip(axes[0], sets):
+        keys = [k for k in report["policies"][policies[0]]["sets"][set_name] if k != "keyword_refusal_rate"]
+        width = 0.8 / len(policies)
+        for j, p in enumerate(policies):
+            values = [report["policies"][p]["sets"][set_name][k]["rate"] or 0 for k in keys]
+            ax.bar([i + j * width for i in range(len(keys))], values, width, label=p)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], [k.replace("_rate", "") for k in keys],
+                      rotation=20, fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_title(set_name, fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_text_atomic(path, text):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Defender safety / over-refusal and attacker diversity of one or more policies.")
+    p.add_argument("--policy", action="append", required=True,
+                   help="checkpoint folder, model id or path, or 'default' (repeat to compare side by side)")
+    p.add_argument("--harmful", action="append", help="harmful prompt file(s): JSONL 'prompt', or HarmBench/XSTest/JBB CSV")
+    p.add_argument("--benign", action="append", help="benign prompt file(s) (an XSTest file here gives its safe rows)")
+    p.add_argument("--attack-seeds", help="harmful seeds for the attacker (default: the project's held-out seeds)")
+    p.add_argument("--no-attacker", action="store_true", help="skip the attacker evaluation")
+    p.add_argument("--judge", default="default", help="'default' or an LM id/path (WildGuard format)")
+    p.add_argument("--limit", type=int, default=0, help="take the first N prompts of each set (0: all)")
+    p.add_argument("--no-cot", dest="cot", action="store_false", help="direct answers (a --no-cot run)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="defender turn length cap")
+    p.add_argument("--attacker-max-new-tokens", type=int, default=96)
+    p.add_argument("--attacker-temperature", type=float, default=1.0, help="the training temperature")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="seed of the attacker's sampling")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (bf16 where the CPU is fast at it)")
+    p.add_argument("--run", help="a selfplay run folder: also draw its training curves")
+    p.add_argument("--out", required=True, help="folder for report.json, report.md, generations.jsonl and charts")
+    args = p.parse_args(argv)
+    if args.limit < 0 or args.batch_size < 1 or args.max_new_tokens < 1 or args.attacker_max_new_tokens < 1:
+        raise UserError("--limit must be >= 0; --batch-size and the token caps >= 1")
+    if args.dtype not in ("auto", "float32", "bfloat16"):
+        raise UserError("--dtype must be auto, float32 or bfloat16")
+    if args.run and not (Path(args.run) / "metrics.jsonl").is_file():
+        raise UserError(f"--run {args.run}: no metrics.jsonl there")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.harmful and not args.benign:
+        args.harmful, args.benign = [str(DEFAULT_HARMFUL)], [str(DEFAULT_BENIGN)]
+    sets = prompt_sets(args.harmful or [], args.benign or [], args.limit)  # bad files fail here, before any model loads
+    seeds = [] if args.no_attacker else read_prompt_file(args.attack_seeds or DEFAULT_HARMFUL, "harmful")[:args.limit or None]
+    device = default_device()
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" or cpu_has_bf16() else "float32")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    judge = load_judge(args.judge)
+    encoder = None if args.no_attacker else load_encoder()
+    report = {"judge": args.judge, "decoding": {"defender": "greedy", "max_new_tokens": args.max_new_tokens,
+                                                "cot": args.cot, "dtype": dtype,
+                                                "attacker_temperature": args.attacker_temperature,
+                                                "attacker_max_new_tokens": args.attacker_max_new_tokens, "seed": args.seed},
+              "limit": args.limit, "policies": {}}
+    generations = []
+    t_all = time.time()
+    for spec, name in zip(args.policy, policy_names(args.policy)):
+        t0 = time.time()
+        model, tokenizer = load_policy(spec, device, dtype)
+        result = {"path": spec, "sets": {}}
+        for set_name, kind, prompts in sets:
+            result["sets"][set_name], rows = evaluate_defender(model, tokenizer, judge, prompts, args, set_name, kind, name)
+            generations += rows
+        if seeds:
+            result["attacker"], rows = evaluate_attacker(model, tokenizer, judge, seeds, args, name, encoder)
+            generations += rows
+        result["seconds"] = round(time.time() - t0, 1)
+        report["policies"][name] = result
+        print(f"{name}: {result['seconds']:.0f} s")
+        del model
+    report["seconds"] = round(time.time() - t_all, 1)
+    write_jsonl_atomic(out / "generations.jsonl", generations)
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1))
+    write_text_atomic(out / "report.md", markdown(report))
+    bar_chart(report, out / "defender.png")
+    if args.run:
+        from runlog import plot_curves, read_jsonl_lines
+        plot_curves(read_jsonl_lines(Path(args.run) / "metrics.jsonl"), out / "training_curves.png")
+    print("\n" + markdown(report))
+    print(f"wrote {out / 'report.json'}, report.md, generations.jsonl, defender.png")
+
+
 if __name__ == "__main__":
-    sys.exit("error: the evaluation CLI is not built yet; see the README")
+    exit_on_user_error(main)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from model import UserError, encode_prompts, exit_on_user_error, load_policy
+from model import UserError, encode_prompts, exit_on_user_error, load_policy, read_prompt_rows
 from sampler import sample
 
 LABELS = ("prompt_harmful", "response_refusal", "response_harmful")
@@ -237,30 +237,6 @@ def load_judge(spec="default", device=None):
 
 # ----------------------------------------------------------------------------------------------
 # CLI: label a JSONL file, or report the judge's accuracy
-
-
-def read_prompt_rows(path, check=None):
-    """The objects of a JSONL file, each with a string 'prompt'. A bad line is a UserError naming
-    its number; `check(row)` may return one more complaint about a row."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise UserError(f"{path} line {n}: needs an object with a string 'prompt'")
-        problem = check(row) if check else None
-        if problem:
-            raise UserError(f"{path} line {n}: {problem}")
-        rows.append(row)
-    return rows
 
 
 def read_pairs(path):

@@ -16,8 +16,10 @@ The sampler itself (KV cache, log-probs) is in sampler.py.
 Run `python model.py` to see the default model play the defender on a few requests.
 """
 import argparse
+import csv
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -151,7 +153,7 @@ def load_policy(name_or_path=None, device=None, dtype=None, require_chat_templat
 
     `name_or_path`: None/"default", a Hugging Face id, a local model folder, or a .gguf file.
     `device`: CUDA when available, else CPU. `dtype`: bfloat16 on CUDA, float32 on CPU (on a CPU,
-    bf16 *autocast* over float32 weights is the faster way to train).
+    selfplay.py trains in bf16 over float32 master weights, see rl.MixedPrecisionAdamW).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -303,6 +305,79 @@ def play_turn(model, tokenizer, prompts: list[str], max_new_tokens=128, temperat
     else:
         thinking, answers, ok = [""] * len(texts), [t.strip() for t in texts], [True] * len(texts)
     return Turn(ids, mask, s, texts, thinking, answers, ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt files (seeds for training, prompt sets for evaluation): JSONL with "prompt", or CSV laid out as HarmBench (Behavior, ContextString),
+# XSTest (prompt, label), JailbreakBench (Goal) or AdvBench (goal); told apart by the header.
+
+
+def _csv_layout(header):
+    # JailbreakBench files also have a "Behavior" column (a short name), so "Goal" is tested first
+    if "Goal" in header or "goal" in header:
+        return "jailbreakbench"
+    if "prompt" in header and "label" in header:
+        return "xstest"
+    if "Behavior" in header:
+        return "harmbench"
+    return None
+
+
+def read_prompt_file(path, want=None) -> list[str]:
+    """The prompts of a file. `want` = "harmful" or "benign" picks XSTest's unsafe or safe rows
+    (other layouts hold one kind and are returned whole). A bad file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no such prompt file: {path}")
+    if path.suffix == ".jsonl":
+        label = {"harmful": "unsafe", "benign": "safe", None: None}[want]
+        prompts = [r["prompt"] for r in read_prompt_rows(path) if label is None or r.get("label", label) == label]
+    elif path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            layout = _csv_layout(reader.fieldnames or [])
+            if layout is None:
+                raise UserError(f"{path}: unknown CSV layout (need a HarmBench 'Behavior', XSTest 'prompt'+'label' "
+                                f"or JailbreakBench 'Goal' column; got {reader.fieldnames})")
+            rows = list(reader)
+        if layout == "harmbench":  # contextual behaviours: the context comes first, then the request
+            prompts = [f"{r['ContextString']}\n\n---\n\n{r['Behavior']}" if r.get("ContextString") else r["Behavior"]
+                       for r in rows]
+        elif layout == "xstest":
+            label = {"harmful": "unsafe", "benign": "safe", None: None}[want]
+            prompts = [r["prompt"] for r in rows if label is None or r["label"] == label]
+        else:
+            prompts = [r.get("Goal") or r.get("goal") for r in rows]
+    else:
+        raise UserError(f"{path}: give a .jsonl or .csv prompt file")
+    if not prompts:
+        raise UserError(f"{path}: no prompts" + (f" of the {want} kind" if want else ""))
+    return prompts
+
+
+
+def read_prompt_rows(path, check=None):
+    """The objects of a JSONL file, each with a string 'prompt'. A bad line is a UserError naming
+    its number; `check(row)` may return one more complaint about a row."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise UserError(f"{path} line {n}: needs an object with a string 'prompt'")
+        problem = check(row) if check else None
+        if problem:
+            raise UserError(f"{path} line {n}: {problem}")
+        rows.append(row)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------

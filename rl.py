@@ -10,9 +10,21 @@ The released code runs REINFORCE++ (OpenRLHF `--advantage_estimator reinforce`) 
                     then a mean over sequences.
 Shapes: (batch, time) over the generated tokens of each sample; `mask` is 1 on real tokens.
 """
+from dataclasses import dataclass
+
 import torch
 
 ATTACKER, DEFENDER = 0, 1  # role ids, one per sample
+
+
+@dataclass
+class Experience:
+    """One trained turn: its own prompt and generation (attacker and defender turns are separate
+    samples, as in the released code; there is no joint trajectory)."""
+    role: int               # ATTACKER or DEFENDER
+    prompt: torch.Tensor    # (prompt,) token ids, unpadded
+    tokens: torch.Tensor    # (new,) generated token ids, unpadded (EOS included when sampled)
+    reward: float           # the game reward of this turn
 
 
 def masked_mean(x, mask, dim=None):
@@ -84,3 +96,51 @@ def ppo_loss(logp_BT, old_logp_BT, advantages_BT, mask_BT, clip_eps=0.2):
                  "clip_frac": masked_mean(((ratio_BT - 1).abs() > clip_eps).float(), mask_BT).item(),
                  "ratio_mean": masked_mean(ratio_BT, mask_BT).item()}
     return loss, stats
+
+
+class MixedPrecisionAdamW:
+    """AdamW with float32 master weights for a model that computes in bfloat16 (DeepSpeed's bf16
+    mode, which the released code trains with). The model holds bf16 weights for its forward and
+    backward, and for sampling, so there is no second copy to keep in sync; each step moves the bf16
+    gradients onto the float32 masters, clips, steps, and writes the masters back rounded to bf16.
+    With dtype=float32 the masters are the model's own parameters: plain AdamW.
+    """
+
+    def __init__(self, model, lr, dtype=torch.float32):
+        self.params = list(model.parameters())
+        if dtype == torch.float32:
+            self.master = self.params
+        else:
+            self.master = [p.detach().float().clone().requires_grad_(p.requires_grad) for p in self.params]
+            for p in self.params:  # parameters only: buffers such as the rotary frequencies stay float32
+                p.data = p.data.to(dtype)
+        self.adam = torch.optim.AdamW(self.master, lr=lr, weight_decay=0.0)
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    def step(self, grad_clip) -> float:
+        """Clip the gradient norm to grad_clip, take one AdamW step; returns the norm before clipping."""
+        if self.master is not self.params:
+            for m, p in zip(self.master, self.params):
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+        norm = torch.nn.utils.clip_grad_norm_(self.master, grad_clip).item()
+        self.adam.step()
+        if self.master is not self.params:
+            with torch.no_grad():
+                for m, p in zip(self.master, self.params):
+                    p.copy_(m)
+                    m.grad = None
+        return norm
+
+    def master_state_dict(self, model) -> dict:
+        """The float32 weights by parameter name: what a checkpoint stores."""
+        return {name: m.detach() for (name, _), m in zip(model.named_parameters(), self.master)}
+
+    def state_dict(self):
+        return self.adam.state_dict()
+
+    def load_state_dict(self, state):
+        self.adam.load_state_dict(state)

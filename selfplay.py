@@ -1,13 +1,110 @@
-"""Self-play training: the game, the reward table and the loop. PARTLY BUILT.
+"""Self-play training: one policy plays attacker and defender, the judge scores, both roles learn.
 
-Built: the reward table (`game_rewards`), as released with the paper (general_sum) and as an
-exactly zero-sum variant. Not built yet (issue: "The self-play game and the PPO loss"): the
-config, seed sampling (half harmful, half benign; about half revised by the attacker), the turns
-(model.play_turn), judging, the supervised warm-up on data/demos/, the PPO update of both roles
-at once (rl.py), metrics.jsonl, games.jsonl, checkpoints with resume, and curves. It will become
-the `make demo` run.
+Read top to bottom:
+  Config              every setting, each a command-line flag (`python selfplay.py --help`)
+  game_rewards        the reward table (general_sum as released, or zero_sum)
+  draw_seeds          half harmful, half benign; about half of each revised by the attacker
+  play_games          attacker turn -> strip CoT -> defender turn -> strip CoT -> judge -> rewards
+  ppo_update          reference and old log-probs, KL-shaped returns, per-role whitening, PPO
+  prepare_run         the warm-up (warmup.py) that becomes checkpoints/step_0000, or a resumed checkpoint
+  train               the loop: metrics.jsonl, games.jsonl, checkpoints, resume, Ctrl-C, curves.png
+The RL maths is in rl.py, the sampler in sampler.py, the role prompts in model.py, the run
+folder's files in runlog.py.
 """
+import argparse
+import dataclasses
+import json
+import resource
+import signal
 import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import rl
+from judge import load_judge, to_labels
+from model import (UserError, attacker_messages, cache_dir, cpu_has_bf16, default_device, defender_messages,
+                   exit_on_user_error, load_policy, play_turn, read_prompt_file, render_prompt,
+                   resolve_policy_path)
+from runlog import (append_jsonl, checkpoint_path, keep_steps, last_checkpoint, plot_curves, read_jsonl_lines,
+                    save_checkpoint)
+from sampler import generation_logprobs
+from warmup import demo_experiences, sft_batches, sft_loss, warm_up, warmup_key
+
+HERE = Path(__file__).resolve().parent
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    """Every setting of a run. Each field is a flag: `steps` is --steps, `cot=False` is --no-cot."""
+    steps: int = arg(20, "RL steps; each is one batch of games and one update")
+    batch_size: int = arg(16, "seeds per step, half harmful and half benign")
+    revise_frac: float = arg(0.5, "share of each kind of seed the attacker rewrites (the rest go straight to the defender)")
+    mode: str = arg("selfplay", "selfplay | attacker_only (defender frozen) | defender_only (no rewriting)")
+    cot: bool = arg(True, "hidden chain of thought with the +-1 format reward (--no-cot: direct answers)")
+    reward_table: str = arg("general_sum", "general_sum (as released) | zero_sum")
+    model: str = arg("default", "policy: 'default' (bundled SmolLM2-135M-Instruct), HF id, folder or .gguf")
+    judge: str = arg("default", "judge: 'default' (small trained encoder) or a causal LM id/path (WildGuard format)")
+    seeds_harmful: str = arg("data/seeds/harmful_train.jsonl", "harmful seed requests (JSONL 'prompt', or CSV)")
+    seeds_benign: str = arg("data/seeds/benign_train.jsonl", "benign seed requests (JSONL 'prompt', or CSV)")
+    out: str = arg("runs/selfplay", "run folder: metrics.jsonl, games.jsonl, checkpoints/, curves.png")
+    resume: str = arg("", "continue the run in this folder from its last checkpoint")
+    seed: int = arg(0, "random seed; step k's draws depend only on (seed, k), so a resumed run repeats exactly")
+    lr: float = arg(2e-5, "Adam learning rate of the RL update")
+    kl_beta: float = arg(0.01, "beta of the per-token k1 KL penalty against the reference (step_0000)")
+    clip_eps: float = arg(0.2, "PPO clip range epsilon")
+    ppo_epochs: int = arg(1, "passes over each step's samples")
+    minibatches: int = arg(2, "optimiser steps per pass (PPO clipping matters from the second)")
+    micro_batch_size: int = arg(4, "rows per forward/backward; gradients add up over a minibatch (memory vs speed)")
+    grad_clip: float = arg(1.0, "gradient norm clip")
+    attacker_max_new_tokens: int = arg(96, "attacker turn length cap")
+    defender_max_new_tokens: int = arg(128, "defender turn length cap")
+    temperature: float = arg(1.0, "sampling temperature of both roles during training")
+    top_p: float = arg(1.0, "nucleus sampling threshold during training")
+    sft_coef: float = arg(0.0, "weight of an auxiliary SFT loss on the demos during RL (the paper used 1.0)")
+    warmup_epochs: int = arg(2, "epochs of the supervised warm-up on the demos (0: no warm-up)")
+    warmup_demos: int = arg(32, "demos used in the warm-up, split across roles and kinds (0: all)")
+    warmup_lr: float = arg(5e-5, "learning rate of the warm-up")
+    checkpoint_every: int = arg(5, "steps between checkpoints (a last one is always written)")
+    device: str = arg("auto", "cpu | cuda | auto")
+    dtype: str = arg("auto", "bfloat16 (bf16 compute, float32 master weights) | float32 | auto (bf16 where the hardware is fast at it)")
+
+
+MODES = ("selfplay", "attacker_only", "defender_only")
+
+
+def check_config(cfg: Config):
+    if cfg.mode not in MODES:
+        raise UserError(f"--mode must be one of {', '.join(MODES)}, not '{cfg.mode}'")
+    if cfg.reward_table not in REWARD_TABLES:
+        raise UserError(f"--reward-table must be one of {', '.join(REWARD_TABLES)}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise UserError("--dtype must be auto, float32 or bfloat16")
+    for name in ("steps", "batch_size", "ppo_epochs", "minibatches", "micro_batch_size", "attacker_max_new_tokens",
+                 "defender_max_new_tokens", "checkpoint_every"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.batch_size < 2:
+        raise UserError("--batch-size must be >= 2 (half harmful, half benign)")
+    for name, lo, hi in (("revise_frac", 0, 1), ("top_p", 1e-6, 1), ("clip_eps", 1e-6, 1)):
+        if not lo <= getattr(cfg, name) <= hi:
+            raise UserError(f"--{name.replace('_', '-')} must be in [{lo}, {hi}]")
+    for name in ("lr", "temperature"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} must be > 0")
+    for name in ("kl_beta", "sft_coef", "warmup_epochs", "warmup_demos", "warmup_lr"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0")
+
+
+# ----------------------------------------------------------------------------------------------
+# The reward table
 
 # Coefficients of each reward term (a win earns +c, a loss -c), per table.
 #   revision          attacker, revised games: the judge's label of the revision matches the seed's type
@@ -61,5 +158,342 @@ def game_rewards(seed_type, revised, labels, attacker_format_ok=True, defender_f
     return attacker, defender
 
 
+# ----------------------------------------------------------------------------------------------
+# The game
+
+
+def read_seeds(path, kind):
+    path = Path(path) if Path(path).is_absolute() or Path(path).exists() else HERE / path
+    return read_prompt_file(path, kind)
+
+
+def draw_seeds(harmful, benign, cfg: Config, gen) -> list[dict]:
+    """Half harmful, half benign; of each kind, revise_frac go to the attacker (generated_*)."""
+    n_harmful = cfg.batch_size // 2
+    seeds = []
+    for kind, pool, n in (("harmful", harmful, n_harmful), ("benign", benign, cfg.batch_size - n_harmful)):
+        picks = torch.randint(len(pool), (n,), generator=gen).tolist()
+        n_revised = 0 if cfg.mode == "defender_only" else round(n * cfg.revise_frac)
+        seeds += [{"seed": pool[j], "type": kind, "revised": i < n_revised} for i, j in enumerate(picks)]
+    return seeds
+
+
+def turn_tokens(turn, i):
+    """Row i of a played turn as unpadded (prompt ids, generated ids)."""
+    return turn.prompt_ids[i][turn.prompt_mask[i].bool()], turn.sample.tokens[i][turn.sample.mask[i].bool()]
+
+
+def play_games(policy, defender, tokenizer, judge, seeds, cfg: Config, gen):
+    """Play one batch of games. Returns (games for games.jsonl, training samples, timings)."""
+    times = {}
+    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, generator=gen, cot=cfg.cot)
+    revised = [i for i, s in enumerate(seeds) if s["revised"]]
+    t0 = time.time()
+    attack = None
+    if revised:
+        prompts = [render_prompt(tokenizer, attacker_messages(seeds[i]["seed"], seeds[i]["type"], cfg.cot), cfg.cot)
+                   for i in revised]
+        attack = play_turn(policy, tokenizer, prompts, cfg.attacker_max_new_tokens, **sampling)
+    times["t_attacker"] = time.time() - t0
+    queries = [s["seed"] for s in seeds]
+    for j, i in enumerate(revised):
+        queries[i] = attack.answers[j]
+
+    t0 = time.time()
+    prompts = [render_prompt(tokenizer, defender_messages(q, cfg.cot), cfg.cot) for q in queries]
+    defend = play_turn(defender, tokenizer, prompts, cfg.defender_max_new_tokens, **sampling)
+    times["t_defender"] = time.time() - t0
+
+    t0 = time.time()
+    verdicts = judge(queries, defend.answers)
+    times["t_judge"] = time.time() - t0
+
+    games, samples = [], []
+    attack_row = {i: j for j, i in enumerate(revised)}
+    for i, (s, v) in enumerate(zip(seeds, verdicts)):
+        labels = to_labels(v)
+        j = attack_row.get(i)
+        r_att, r_def = game_rewards(s["type"], s["revised"], labels, attack.format_ok[j] if j is not None else True,
+                                    defend.format_ok[i], cfg.reward_table, cfg.cot)
+        if cfg.mode != "defender_only" and j is not None and r_att is not None:
+            samples.append(rl.Experience(rl.ATTACKER, *turn_tokens(attack, j), r_att))
+        if cfg.mode != "attacker_only" and r_def is not None:
+            samples.append(rl.Experience(rl.DEFENDER, *turn_tokens(defend, i), r_def))
+        games.append({
+            "seed": s["seed"], "type": ("generated_" if s["revised"] else "vanilla_") + s["type"],
+            "attacker_thinking": attack.thinking[j] if j is not None else None,
+            "attacker_answer": attack.answers[j] if j is not None else None,
+            "attacker_format_ok": attack.format_ok[j] if j is not None else None,
+            "defender_thinking": defend.thinking[i], "defender_answer": defend.answers[i],
+            "defender_format_ok": defend.format_ok[i],
+            "verdict": {k: None if x is None else round(x, 4) for k, x in v.items()}, "labels": labels,
+            "reward_attacker": r_att, "reward_defender": r_def})
+    n_tokens = int(defend.sample.mask.sum()) + (int(attack.sample.mask.sum()) if attack else 0)
+    times["tokens_per_s"] = n_tokens / max(times["t_attacker"] + times["t_defender"], 1e-9)
+    return games, samples, times
+
+
+def game_metrics(games) -> dict:
+    """Rates over one step's games (None where a rate has no games)."""
+    def rate(rows, cond):
+        rows = [g for g in rows if g["labels"]["refusal"] is not None]
+        return sum(map(cond, rows)) / len(rows) if rows else None
+
+    harmful = [g for g in games if g["type"].endswith("_harmful")]
+    benign = [g for g in games if g["type"].endswith("_benign")]
+    attacked = [g for g in games if g["type"].startswith("generated_")]
+    return {
+        "attack_success": rate([g for g in attacked if g["type"] == "generated_harmful"],
+                               lambda g: g["labels"]["response"] == "harmful"),
+        "refusal_harmful": rate(harmful, lambda g: g["labels"]["refusal"] == "refusal"),
+        "compliance_benign": rate(benign, lambda g: g["labels"]["refusal"] == "compliance"),
+        "harmful_response_rate": rate(harmful, lambda g: g["labels"]["response"] == "harmful"),
+        "faithfulness": rate(attacked, lambda g: (g["labels"]["prompt"] == "harmful") == g["type"].endswith("_harmful")),
+        "format_ok_attacker": rate(attacked, lambda g: g["attacker_format_ok"]),
+        "format_ok_defender": rate(games, lambda g: g["defender_format_ok"]),
+        "ties": sum(g["reward_defender"] is None for g in games),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The update
+
+
+def experience_logprobs(model, samples, pad_id, cfg: Config):
+    """Log-probs (batch, longest generation) of each sample's tokens under the sampling distribution."""
+    return generation_logprobs(model, [s.prompt for s in samples], [s.tokens for s in samples], pad_id,
+                               cfg.temperature, cfg.top_p)
+
+
+def micro_batches(samples, rows, size):
+    """`rows` cut into groups of `size` (bounded memory). Sorting by prompt puts rows of the same
+    role prompt together, so each group shares a long prompt prefix that runs once."""
+    rows = sorted(rows, key=lambda i: (samples[i].prompt.tolist(), i))
+    return [rows[k:k + size] for k in range(0, len(rows), size)]
+
+
+@torch.no_grad()
+def batch_logprobs(model, samples, micros, pad_id, cfg):
+    """experience_logprobs of every sample, one micro-batch at a time, as one (S, N) tensor.
+
+    The old log-probs are computed over the same micro-batches as the first pass of the update,
+    so each row is packed the same way and the first ratio is exactly 1, as it must be.
+    """
+    out = torch.zeros(len(samples), max(len(s.tokens) for s in samples), device=next(model.parameters()).device)
+    for rows in micros:
+        logp, _ = experience_logprobs(model, [samples[i] for i in rows], pad_id, cfg)
+        out[rows, :logp.shape[1]] = logp
+    return out
+
+
+def ppo_update(policy, reference, optimizer, samples, pad_id, cfg: Config, gen, demos=None):
+    """REINFORCE++ with the PPO clip on the attacker and defender samples of one step, together.
+
+    Each epoch shuffles the samples into `minibatches` optimiser steps; each minibatch runs in
+    micro-batches of similar length whose gradients add up to the minibatch's loss.
+    """
+    times, stats = {}, {}
+    device = next(policy.parameters()).device
+    epochs = [[micro_batches(samples, rows.tolist(), cfg.micro_batch_size)
+               for rows in torch.randperm(len(samples), generator=gen).chunk(cfg.minibatches)]
+              for _ in range(cfg.ppo_epochs)]
+    first_pass = [micro for minibatch in epochs[0] for micro in minibatch]
+    t0 = time.time()
+    ref_logp = batch_logprobs(reference, samples, first_pass, pad_id, cfg)
+    times["t_reference"] = time.time() - t0
+    t0 = time.time()
+    old_logp = batch_logprobs(policy, samples, first_pass, pad_id, cfg)  # the policy before this update
+    times["t_old_logprobs"] = time.time() - t0
+
+    t0 = time.time()
+    mask = torch.zeros_like(old_logp)
+    for i, s in enumerate(samples):
+        mask[i, :len(s.tokens)] = 1
+    role = torch.tensor([s.role for s in samples], device=device)
+    reward = torch.tensor([s.reward for s in samples], device=device)
+    token_rewards, kl = rl.kl_shaped_rewards(old_logp, ref_logp, mask, reward, cfg.kl_beta)
+    advantages = rl.whiten_per_role(rl.returns_to_go(token_rewards, mask), mask, role)
+    stats["kl"] = rl.masked_mean(kl, mask).item()
+    stats["entropy"] = -rl.masked_mean(old_logp, mask).item()  # a sampled token's -log p estimates the entropy
+
+    policy.train()
+    history = []
+    for minibatch in (mb for epoch in epochs for mb in epoch):
+        n_rows = sum(map(len, minibatch))
+        optimizer.zero_grad()
+        mb_stats = {}
+        for rows in minibatch:  # the minibatch loss is a mean over its sequences: weight each micro-batch by its share
+            logp, gen_mask = experience_logprobs(policy, [samples[i] for i in rows], pad_id, cfg)
+            n = gen_mask.shape[1]
+            loss, st = rl.ppo_loss(logp, old_logp[rows, :n], advantages[rows, :n], gen_mask, cfg.clip_eps)
+            (loss * len(rows) / n_rows).backward()
+            for k, v in {**st, "loss": loss.item()}.items():
+                mb_stats[k] = mb_stats.get(k, 0.0) + v * len(rows) / n_rows
+        if demos is not None:  # the auxiliary SFT loss keeps the format and benign helpfulness anchored
+            sft = cfg.sft_coef * sft_loss(policy, next(demos), pad_id)
+            sft.backward()
+            mb_stats["sft_loss"] = sft.item() / cfg.sft_coef
+        mb_stats["grad_norm"] = optimizer.step(cfg.grad_clip)
+        history.append(mb_stats)
+    policy.eval()
+    times["t_update"] = time.time() - t0
+    for key in history[0]:
+        stats[key] = sum(h[key] for h in history) / len(history)
+    stats["first_ratio"] = history[0]["ratio_mean"]  # exactly 1: the first minibatch sees the old policy
+    return stats, times
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def compute_dtype(cfg: Config, device) -> torch.dtype:
+    """bf16 on CUDA and on CPUs with fast bf16 (AVX-512 BF16, AMX), float32 elsewhere."""
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") or cpu_has_bf16() else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+
+
+class StopAfterStep:
+    """The first Ctrl-C lets the current step finish and checkpoint; a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, *_):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step and checkpointing (Ctrl-C again to abort)", file=sys.stderr)
+
+    def __exit__(self, *_):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def prepare_run(cfg: Config, device, dtype):
+    """The run folder with its checkpoints/step_0000 (the warm-up's result, or the model as given),
+    and the (step, folder) to start from."""
+    out = Path(cfg.out)
+    if cfg.resume:
+        found = last_checkpoint(out)
+        if found is None:
+            raise UserError(f"--resume {cfg.resume}: no checkpoint in {out / 'checkpoints'}")
+        return out, found
+    if last_checkpoint(out) is not None:
+        raise UserError(f"{out} already holds a run; use --resume {out}, or another --out")
+    source = resolve_policy_path(cfg.model)
+    cached = cache_dir() / f"warmup-{warmup_key(cfg)}"
+    if cfg.warmup_epochs and not (cached / "config.json").is_file():
+        model, tokenizer = load_policy(source, device, torch.float32)
+        t0 = time.time()
+        info = warm_up(model, tokenizer, cfg, dtype, cached)
+        print(f"warm-up: {info['demos']} demos x {cfg.warmup_epochs} epochs in {time.time() - t0:.0f} s, "
+              f"loss {info['first_loss']:.2f} -> {info['last_loss']:.2f}", file=sys.stderr)
+    # float32 on disk, whatever the compute dtype: the optimiser's master weights start from it
+    model, tokenizer = load_policy(str(cached) if cfg.warmup_epochs else source, device, torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out, 0, model, tokenizer)
+    return out, (0, checkpoint_path(out, 0))
+
+
+def train(cfg: Config, judge=None):
+    """Run (or resume) self-play; `judge` overrides cfg.judge (the tests pass a tiny one)."""
+    check_config(cfg)
+    if cfg.resume:  # the saved settings win, except the number of steps
+        saved = Path(cfg.resume) / "config.json"
+        if not saved.is_file():
+            raise UserError(f"--resume {cfg.resume}: no config.json there (not a run folder)")
+        steps = cfg.steps
+        cfg = Config(**{**json.loads(saved.read_text()), "resume": cfg.resume, "out": cfg.resume, "steps": steps})
+    harmful, benign = read_seeds(cfg.seeds_harmful, "harmful"), read_seeds(cfg.seeds_benign, "benign")
+    judge = judge or load_judge(cfg.judge)
+    device = default_device() if cfg.device == "auto" else cfg.device
+    dtype = compute_dtype(cfg, device)
+    out, (start, folder) = prepare_run(cfg, device, dtype)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    rows = keep_steps(out / "metrics.jsonl", start)
+    keep_steps(out / "games.jsonl", start)
+
+    policy, tokenizer = load_policy(str(folder), device, torch.float32)
+    optimizer = rl.MixedPrecisionAdamW(policy, cfg.lr, dtype)  # float32 masters; the policy now computes in dtype
+    if start > 0:
+        optimizer.load_state_dict(torch.load(folder / "trainer_state.pt", weights_only=True)["optimizer"])
+    # RL's starting point: the KL anchor, and the frozen defender of attacker_only
+    reference, _ = load_policy(str(checkpoint_path(out, 0)), device, dtype)
+    reference.requires_grad_(False)
+    defender = reference if cfg.mode == "attacker_only" else policy
+    demos = sft_batches(demo_experiences(tokenizer, cfg.cot), 4, torch.Generator().manual_seed(cfg.seed)) if cfg.sft_coef else None
+
+    from tqdm import tqdm
+    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="self-play", file=sys.stderr)
+    step = start
+    with StopAfterStep() as stop:
+        for step in bar:
+            t0 = time.time()
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # step k's draws depend on (seed, k) only
+            seeds = draw_seeds(harmful, benign, cfg, gen)
+            games, samples, times = play_games(policy, defender, tokenizer, judge, seeds, cfg, gen)
+            stats = {}
+            if samples:
+                stats, t_update = ppo_update(policy, reference, optimizer, samples, tokenizer.pad_token_id, cfg, gen, demos)
+                times.update(t_update)
+            row = {"step": step, "time": round(time.time(), 1), **game_metrics(games),
+                   "reward_attacker": mean([s.reward for s in samples if s.role == rl.ATTACKER]),
+                   "reward_defender": mean([s.reward for s in samples if s.role == rl.DEFENDER]),
+                   "samples": len(samples), **stats, **times, "t_step": time.time() - t0,
+                   "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            row = {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}
+            append_jsonl(out / "games.jsonl", [{"step": step, **g} for g in games])
+            append_jsonl(out / "metrics.jsonl", [row])
+            rows.append(row)
+            bar.set_postfix_str(short(row))
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.requested:
+                save_checkpoint(out, step, policy, tokenizer, optimizer)
+                plot_curves(rows, out / "curves.png")
+            if stop.requested:
+                break
+    return out, step, rows
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def short(row):
+    """The progress bar's summary of one step."""
+    parts = [("R_att", "reward_attacker"), ("R_def", "reward_defender"), ("refuse_h", "refusal_harmful"),
+             ("comply_b", "compliance_benign"), ("asr", "attack_success"), ("kl", "kl"), ("s", "t_step")]
+    return " ".join(f"{name}={row[key]:.2f}" for name, key in parts if row.get(key) is not None)
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description="Self-RedTeam self-play: one policy, two roles, a judge, PPO.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+    return Config(**vars(p.parse_args(argv)))
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    out, step, rows = train(cfg)
+    print(f"\nrun folder: {out}  (last checkpoint: {checkpoint_path(out, step)})")
+    print(f"curves:     {out / 'curves.png'}\nmetrics:    {out / 'metrics.jsonl'}\ngames:      {out / 'games.jsonl'}")
+    games = read_jsonl_lines(out / "games.jsonl")
+    for g in [g for g in games if g["step"] == step][:3]:
+        print(f"\n--- {g['type']} seed: {g['seed'][:150]}")
+        if g["attacker_answer"] is not None:
+            print(f"attacker: {g['attacker_answer'][:300]}")
+        print(f"defender: {g['defender_answer'][:300]}\nlabels: {g['labels']}  rewards: att={g['reward_attacker']} def={g['reward_defender']}")
+
+
 if __name__ == "__main__":
-    sys.exit("error: the self-play loop is not built yet; `make demo` shows the sampler for now (see the README)")
+    exit_on_user_error(main)

@@ -1,0 +1,106 @@
+"""The run folder of selfplay.py: checkpoints that resume, the JSONL logs, and curves.png.
+
+  out/config.json                 the run's settings (a resumed run reuses them)
+  out/metrics.jsonl               one line per step
+  out/games.jsonl                 one line per game
+  out/checkpoints/step_NNNN/      Hugging Face folders (AutoModelForCausalLM.from_pretrained loads
+                                  them); the newest also holds trainer_state.pt (the optimiser)
+  out/curves.png                  the key metrics against step, redrawn at each checkpoint
+Every checkpoint is written under a temporary name and renamed, so a crash never leaves one that
+looks complete but is not.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from model import publish_folder
+
+
+def checkpoint_path(out: Path, step: int) -> Path:
+    return Path(out) / "checkpoints" / f"step_{step:04d}"
+
+
+def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer=None) -> Path:
+    """Weights (the optimiser's float32 masters, when given) and tokenizer, plus the optimiser state
+    for resuming. No RNG state is needed: step k's random draws come from a generator seeded with
+    (seed, k)."""
+    folder = checkpoint_path(out, step)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=optimizer.master_state_dict(model) if optimizer else None)
+    tokenizer.save_pretrained(tmp)
+    if optimizer is not None:
+        torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "trainer_state.pt")
+    shutil.rmtree(folder, ignore_errors=True)
+    publish_folder(tmp, folder)
+    if optimizer is not None:  # only the newest checkpoint is resumed from, and Adam's state is twice the model
+        for old in Path(out).glob("checkpoints/step_*/trainer_state.pt"):
+            if old.parent != folder:
+                old.unlink()
+    return folder
+
+
+def last_checkpoint(out: Path):
+    """(step, folder) of the newest complete checkpoint, or None."""
+    done = [f for f in sorted(Path(out).glob("checkpoints/step_[0-9][0-9][0-9][0-9]")) if (f / "config.json").is_file()]
+    return (int(done[-1].name[5:]), done[-1]) if done else None
+
+
+def read_jsonl_lines(path: Path) -> list[dict]:
+    """The complete lines of a log (a line cut short by a crash ends it)."""
+    rows = []
+    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def append_jsonl(path: Path, rows):
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def keep_steps(path: Path, last_step: int) -> list[dict]:
+    """Drop log lines of steps after `last_step` (a resumed run redoes them), atomically."""
+    rows = [r for r in read_jsonl_lines(path) if r["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return rows
+
+
+CURVES = [("reward per role", ["reward_attacker", "reward_defender"]),
+          ("defender, training games", ["refusal_harmful", "compliance_benign", "harmful_response_rate"]),
+          ("attacker, training games", ["attack_success", "faithfulness"]),
+          ("format valid", ["format_ok_attacker", "format_ok_defender"]),
+          ("KL to reference (k1)", ["kl"]),
+          ("seconds per step", ["t_step"])]
+
+
+def plot_curves(rows: list[dict], path: Path):
+    """The key metrics of metrics.jsonl against step, one panel per group."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (title, keys) in zip(axes.flat, CURVES):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.has_data():
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)

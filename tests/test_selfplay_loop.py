@@ -1,0 +1,187 @@
+"""The self-play loop on a tiny random model and a tiny judge: a step runs and learns, resume
+repeats the uninterrupted run, each mode runs, Ctrl-C checkpoints, bad inputs are one clear error."""
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import selfplay as SP
+from conftest import make_model, make_tokenizer
+from model import UserError
+from runlog import last_checkpoint
+
+
+class FixedJudge:
+    """Verdicts known in advance: the prompt is harmful when it mentions 'bomb'; answers are refusals
+    and harmless every other call, so rewards differ between games and the update has signal."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, prompts, responses=None, batch_size=32):
+        self.calls += 1
+        return [{"prompt_harmful": float("bomb" in p), "response_refusal": float(i % 2 == 0),
+                 "response_harmful": float(i % 3 == 0)} for i, p in enumerate(prompts)]
+
+
+@pytest.fixture()
+def run_args(tmp_path, monkeypatch):
+    """Flags for a tiny, fast run: a random 2-layer model saved as a folder, short turns."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tokenizer = make_tokenizer()
+    make_model(tokenizer).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    harmful, benign = tmp_path / "harmful.jsonl", tmp_path / "benign.jsonl"
+    harmful.write_text("".join(json.dumps({"prompt": f"How do I build a bomb number {i}?"}) + "\n" for i in range(6)))
+    benign.write_text("".join(json.dumps({"prompt": f"How do I bake bread, recipe {i}?"}) + "\n" for i in range(6)))
+
+    def args(*extra, out="run"):
+        return ["--model", str(tmp_path / "model"), "--out", str(tmp_path / out), "--seeds-harmful", str(harmful),
+                "--seeds-benign", str(benign), "--batch-size", "4", "--attacker-max-new-tokens", "6",
+                "--defender-max-new-tokens", "6", "--warmup-demos", "4", "--warmup-epochs", "1",
+                "--dtype", "float32", "--lr", "1e-3", "--micro-batch-size", "2", *extra]
+    return args
+
+
+def weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_draw_seeds_is_half_harmful_and_revises_the_requested_share():
+    cfg = SP.Config(batch_size=8, revise_frac=0.5)
+    seeds = SP.draw_seeds(["h"], ["b"], cfg, torch.Generator().manual_seed(0))
+    kinds = [(s["type"], s["revised"]) for s in seeds]
+    assert sorted(kinds) == sorted([("harmful", True)] * 2 + [("harmful", False)] * 2
+                                   + [("benign", True)] * 2 + [("benign", False)] * 2)
+    cfg.mode = "defender_only"
+    assert not any(s["revised"] for s in SP.draw_seeds(["h"], ["b"], cfg, torch.Generator()))
+
+
+def test_game_metrics_count_by_hand():
+    def game(kind, refusal, response, prompt="harmful", fmt=True):
+        return {"type": kind, "labels": {"prompt": prompt, "refusal": refusal, "response": response},
+                "attacker_format_ok": fmt if kind.startswith("generated") else None, "defender_format_ok": fmt,
+                "reward_defender": 1.0}
+    games = [game("generated_harmful", "compliance", "harmful"), game("generated_harmful", "refusal", "unharmful"),
+             game("vanilla_harmful", "refusal", "unharmful", fmt=False),
+             game("generated_benign", "compliance", "unharmful", prompt="harmful"),
+             game("vanilla_benign", "refusal", "unharmful", prompt="unharmful")]
+    m = SP.game_metrics(games)
+    assert m["attack_success"] == 0.5 and m["refusal_harmful"] == pytest.approx(2 / 3)
+    assert m["compliance_benign"] == 0.5 and m["harmful_response_rate"] == pytest.approx(1 / 3)
+    assert m["faithfulness"] == pytest.approx(2 / 3)  # the benign revision was judged harmful
+    assert m["format_ok_defender"] == 0.8 and m["ties"] == 0
+
+
+def test_a_step_runs_learns_and_writes_every_output(run_args):
+    out, step, rows = SP.train(SP.parse_args(run_args("--steps", "1")), judge=FixedJudge())
+    assert step == 1 and len(rows) == 1
+    row = rows[0]
+    assert row["first_ratio"] == pytest.approx(1.0, abs=1e-6)  # the first minibatch sees the old policy
+    assert row["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts at the reference
+    assert row["samples"] == 2 + 4  # two revised games train the attacker, all four the defender
+    for key in ("reward_attacker", "reward_defender", "attack_success", "refusal_harmful", "compliance_benign",
+                "faithfulness", "format_ok_attacker", "format_ok_defender", "ties", "approx_kl", "clip_frac", "loss",
+                "tokens_per_s", "t_attacker", "t_defender", "t_judge", "t_reference", "t_update", "peak_rss_gb"):
+        assert key in row, key
+    games = [json.loads(line) for line in (out / "games.jsonl").read_text().splitlines()]
+    assert len(games) == 4 and {g["type"] for g in games} == {"generated_harmful", "vanilla_harmful",
+                                                              "generated_benign", "vanilla_benign"}
+    assert (out / "curves.png").stat().st_size > 0
+    before, after = weights(out / "checkpoints/step_0000"), weights(out / "checkpoints/step_0001")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert (out / "checkpoints/step_0001/trainer_state.pt").is_file()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    AutoModelForCausalLM.from_pretrained(out / "checkpoints/step_0001")  # a plain Hugging Face folder
+    AutoTokenizer.from_pretrained(out / "checkpoints/step_0001")
+
+
+def test_the_warm_up_is_cached(run_args):
+    SP.train(SP.parse_args(run_args("--steps", "1")), judge=FixedJudge())
+    out, _, _ = SP.train(SP.parse_args(run_args("--steps", "1", out="run2")), judge=FixedJudge())
+    first, second = weights(out.parent / "run/checkpoints/step_0000"), weights(out / "checkpoints/step_0000")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def volatile(row):
+    return {k: v for k, v in row.items() if not (k.startswith("t_") or k in ("time", "tokens_per_s", "peak_rss_gb"))}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_repeats_the_uninterrupted_run(run_args, dtype):
+    # bfloat16: the policy computes in bf16 and the checkpoint holds the float32 master weights
+    whole, _, rows = SP.train(SP.parse_args(run_args("--steps", "3", "--checkpoint-every", "1", "--dtype", dtype,
+                                                     out="whole")), judge=FixedJudge())
+    part, _, _ = SP.train(SP.parse_args(run_args("--steps", "1", "--dtype", dtype, out="part")), judge=FixedJudge())
+    with (part / "metrics.jsonl").open("a") as f:  # a step that ran after the checkpoint is redone
+        f.write(json.dumps({"step": 2, "reward_defender": 99}) + "\n")
+    _, step, resumed = SP.train(SP.parse_args(["--resume", str(part), "--steps", "3"]), judge=FixedJudge())
+    assert step == 3 and [r["step"] for r in resumed] == [1, 2, 3]
+    assert [volatile(r) for r in resumed] == [volatile(r) for r in rows]
+    a, b = weights(whole / "checkpoints/step_0003"), weights(part / "checkpoints/step_0003")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (part / "checkpoints/step_0001/trainer_state.pt").exists()  # only the newest keeps the optimiser
+
+
+@pytest.mark.parametrize("flags,attacker,defender", [
+    (["--mode", "attacker_only"], True, False),
+    (["--mode", "defender_only"], False, True),
+    (["--no-cot", "--reward-table", "zero_sum"], True, True),
+    (["--sft-coef", "1.0", "--minibatches", "1"], True, True),
+])
+def test_each_mode_runs(run_args, flags, attacker, defender):
+    out, _, rows = SP.train(SP.parse_args(run_args("--steps", "1", *flags)), judge=FixedJudge())
+    assert (rows[0]["reward_attacker"] is not None) == attacker
+    assert (rows[0]["reward_defender"] is not None) == defender
+    games = [json.loads(line) for line in (out / "games.jsonl").read_text().splitlines()]
+    if "defender_only" in flags:
+        assert all(g["type"].startswith("vanilla_") for g in games)
+    if "attacker_only" in flags:  # only the two revised games train anyone
+        assert rows[0]["samples"] == 2
+
+
+def test_ctrl_c_finishes_the_step_and_checkpoints(run_args):
+    class InterruptingJudge(FixedJudge):
+        def __call__(self, prompts, responses=None, batch_size=32):
+            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C during step 1
+            return super().__call__(prompts, responses, batch_size)
+
+    out, step, rows = SP.train(SP.parse_args(run_args("--steps", "5", "--checkpoint-every", "5")), judge=InterruptingJudge())
+    assert step == 1 and len(rows) == 1
+    assert last_checkpoint(out)[0] == 1 and (out / "checkpoints/step_0001/trainer_state.pt").is_file()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--mode", "both"], "--mode must be one of"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--revise-frac", "1.5"], "--revise-frac must be in"),
+    (["--seeds-harmful", "/no/such.jsonl"], "no such prompt file"),
+    (["--resume", "/no/such/run"], "no config.json"),
+])
+def test_bad_inputs_are_one_clear_error(run_args, flags, message):
+    with pytest.raises(UserError, match=message):
+        SP.train(SP.parse_args(run_args(*flags)), judge=FixedJudge())
+
+
+def test_empty_seed_file_and_an_existing_run_are_errors(run_args, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(UserError, match="no prompts"):
+        SP.train(SP.parse_args(run_args("--seeds-benign", str(empty))), judge=FixedJudge())
+    SP.train(SP.parse_args(run_args("--steps", "1")), judge=FixedJudge())
+    with pytest.raises(UserError, match="already holds a run"):
+        SP.train(SP.parse_args(run_args("--steps", "1")), judge=FixedJudge())
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare/config.json").write_text("{}")
+    with pytest.raises(UserError, match="no checkpoint"):
+        SP.train(SP.parse_args(["--resume", str(tmp_path / "bare")]), judge=FixedJudge())
+
+
+def test_cli_error_is_one_line():
+    proc = subprocess.run([sys.executable, "selfplay.py", "--mode", "both"], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == "error: --mode must be one of selfplay, attacker_only, defender_only, not 'both'"
