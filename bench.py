@@ -8,6 +8,10 @@ token, and times both when rows stop at their own EOS (our sampler drops finishe
 
     python bench.py --batch 8 --new-tokens 128 --dtype bfloat16
 
+`--selfplay-steps N` instead times N steps of the default self-play run (selfplay.py, default
+settings, `--batch` seeds per step) in a temporary folder and prints each part of a step:
+attacker and defender generation, judging, reference and old log-probs, the PPO update.
+
 The last line printed is one JSON object with every number.
 """
 import argparse
@@ -15,7 +19,6 @@ import json
 import os
 import platform
 import resource
-import sys
 import tempfile
 import time
 
@@ -90,6 +93,26 @@ def measure_load(measure_conversion):
     return model, tokenizer, result
 
 
+def bench_selfplay(steps, batch):
+    """Mean seconds of each part of a self-play step over steps 2..N (step 1 pays one-off costs),
+    and the peak resident memory of the whole run (warm-up cached beforehand)."""
+    import selfplay as SP
+    with tempfile.TemporaryDirectory() as tmp:
+        _, _, rows = SP.train(SP.parse_args(["--out", tmp, "--steps", str(steps), "--batch-size", str(batch),
+                                             "--checkpoint-every", str(steps)]))
+    timed = rows[1:] or rows
+    parts = ["t_attacker", "t_defender", "t_judge", "t_reference", "t_old_logprobs", "t_update", "t_step"]
+    result = {k: round(sum(r[k] for r in timed) / len(timed), 2) for k in parts}
+    result.update(batch=batch, steps=steps, samples_per_step=round(sum(r["samples"] for r in timed) / len(timed), 1),
+                  tokens_per_s=round(sum(r["tokens_per_s"] for r in timed) / len(timed), 1),
+                  peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+                  threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine())
+    print(f"self-play, batch {batch}, mean of steps 2..{steps}:")
+    for k in parts:
+        print(f"  {k[2:]:<16}{result[k]:>8.2f} s")
+    print(json.dumps(result))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8, help="prompts per batch (default 8)")
@@ -102,7 +125,10 @@ def main():
                    help="also time the loop that re-runs the whole sequence every step (slow)")
     p.add_argument("--measure-conversion", action="store_true", help="also time the first-time GGUF conversion (~20 s)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--selfplay-steps", type=int, default=0, help="time this many self-play steps instead (see above)")
     args = p.parse_args()
+    if args.selfplay_steps:
+        return bench_selfplay(args.selfplay_steps, args.batch)
     if args.batch < 1 or args.new_tokens < 1 or args.repeats < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise M.UserError("--batch, --new-tokens and --repeats must be >= 1, --temperature >= 0, 0 < --top-p <= 1")
 

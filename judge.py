@@ -275,15 +275,19 @@ def accuracy(pairs):
 
 
 def evaluate_judge(judge, benchmarks=None):
-    """Accuracy on data/judge/heldout.jsonl and, when the folder exists, prompt labels on public sets."""
+    """Accuracy on data/judge/heldout*.jsonl and, when the folder exists, prompt labels on public sets."""
     report = {}
+    # heldout: polished responses of every shape; heldout_weak: the short, vague, confused answers
+    # of a 135M policy, where "no concrete steps" must not be read as a refusal
+    for name in ("heldout", "heldout_weak"):
+        held = read_jsonl(HERE / f"data/judge/{name}.jsonl")
+        verdicts = judge([r["prompt"] for r in held], [r["response"] for r in held])
+        for key in LABELS:
+            report[f"{name}_{key}_acc"] = accuracy([(v[key] >= THRESHOLDS[key], r[key])
+                                                    for v, r in zip(verdicts, held) if r[key] is not None])
+        report[f"{name}_keyword_refusal_acc"] = accuracy([(keyword_refusal(r["response"]), r["response_refusal"])
+                                                          for r in held if r["response"] is not None])
     held = read_jsonl(HERE / "data/judge/heldout.jsonl")
-    verdicts = judge([r["prompt"] for r in held], [r["response"] for r in held])
-    for key in LABELS:
-        report[f"heldout_{key}_acc"] = accuracy([(v[key] >= THRESHOLDS[key], r[key])
-                                                 for v, r in zip(verdicts, held) if r[key] is not None])
-    report["heldout_keyword_refusal_acc"] = accuracy([(keyword_refusal(r["response"]), r["response_refusal"])
-                                                      for r in held if r["response"] is not None])
     bench = Path(benchmarks) if benchmarks else None
     if bench and bench.is_dir():
         def harmful(prompts):

@@ -20,21 +20,23 @@ from model import cache_dir, cpu_has_bf16, publish_folder
 
 TRAIN_CONFIG = dict(epochs=3, batch_size=16, lr=5e-5, head_lr=1e-3, max_len=256, seed=0)
 # every file the training examples come from (the held-out file too: its prompts are excluded)
-TRAINING_FILES = ("data/judge/train.jsonl", "data/judge/heldout.jsonl", "data/seeds/harmful_train.jsonl",
-                  "data/seeds/benign_train.jsonl", "data/demos/defender.jsonl", "data/demos/attacker.jsonl")
+LABELLED_FILES = ("data/judge/train.jsonl", "data/judge/train_weak_a.jsonl", "data/judge/train_weak_b.jsonl")
+HELD_OUT_FILES = ("data/judge/heldout.jsonl", "data/judge/heldout_weak.jsonl")
+TRAINING_FILES = LABELLED_FILES + HELD_OUT_FILES + (
+    "data/seeds/harmful_train.jsonl", "data/seeds/benign_train.jsonl", "data/demos/defender.jsonl", "data/demos/attacker.jsonl")
 
 
 def judge_training_examples():
     """(prompt, response or None, targets) from the project's own data only.
 
     targets holds the three labels as 0/1, None where unknown. A prompt-only example trains the
-    prompt head; a (prompt, response) example trains the two response heads. data/judge/train.jsonl
+    prompt head; a (prompt, response) example trains the two response heads. data/judge/train*.jsonl
     gives all three labels; the training seeds and the warm-up demonstrations add prompt labels
     (their file says harmful or benign) and defender responses (a demo refuses a harmful request
     and helps with a benign one, harmlessly). Prompts held out for the accuracy report are removed.
     """
     examples = []
-    for row in read_jsonl(HERE / "data/judge/train.jsonl"):
+    for row in (r for f in LABELLED_FILES for r in read_jsonl(HERE / f)):
         examples.append((row["prompt"], None, (row["prompt_harmful"], None, None)))
         if row["response"] is not None:
             examples.append((row["prompt"], row["response"], (None, row["response_refusal"], row["response_harmful"])))
@@ -46,7 +48,7 @@ def judge_training_examples():
     for row in read_jsonl(HERE / "data/demos/attacker.jsonl"):  # adversarial rewrites keep the seed's intent
         examples.append((row["answer"], None, (int(row["seed_type"] == "harmful"), None, None)))
     # the data files were written separately: keep any prompt that is also held out out of training
-    held_out = {row["prompt"] for row in read_jsonl(HERE / "data/judge/heldout.jsonl")}
+    held_out = {row["prompt"] for f in HELD_OUT_FILES for row in read_jsonl(HERE / f)}
     return [e for e in examples if e[0] not in held_out]
 
 

@@ -12,6 +12,7 @@ The RL maths is in rl.py, the sampler in sampler.py, the role prompts in model.p
 folder's files in runlog.py.
 """
 import argparse
+import ctypes
 import dataclasses
 import json
 import resource
@@ -56,12 +57,12 @@ class Config:
     out: str = arg("runs/selfplay", "run folder: metrics.jsonl, games.jsonl, checkpoints/, curves.png")
     resume: str = arg("", "continue the run in this folder from its last checkpoint")
     seed: int = arg(0, "random seed; step k's draws depend only on (seed, k), so a resumed run repeats exactly")
-    lr: float = arg(2e-5, "Adam learning rate of the RL update")
+    lr: float = arg(4e-5, "Adam learning rate of the RL update")
     kl_beta: float = arg(0.01, "beta of the per-token k1 KL penalty against the reference (step_0000)")
     clip_eps: float = arg(0.2, "PPO clip range epsilon")
     ppo_epochs: int = arg(1, "passes over each step's samples")
     minibatches: int = arg(2, "optimiser steps per pass (PPO clipping matters from the second)")
-    micro_batch_size: int = arg(4, "rows per forward/backward; gradients add up over a minibatch (memory vs speed)")
+    micro_batch_size: int = arg(2, "rows per forward/backward; gradients add up over a minibatch (memory vs speed)")
     grad_clip: float = arg(1.0, "gradient norm clip")
     attacker_max_new_tokens: int = arg(96, "attacker turn length cap")
     defender_max_new_tokens: int = arg(128, "defender turn length cap")
@@ -86,6 +87,8 @@ def check_config(cfg: Config):
         raise UserError(f"--reward-table must be one of {', '.join(REWARD_TABLES)}")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         raise UserError("--dtype must be auto, float32 or bfloat16")
+    if cfg.device not in ("auto", "cpu") and not (cfg.device.startswith("cuda") and torch.cuda.is_available()):
+        raise UserError(f"--device {cfg.device}: use auto or cpu" + ("" if torch.cuda.is_available() else " (no CUDA here)"))
     for name in ("steps", "batch_size", "ppo_epochs", "minibatches", "micro_batch_size", "attacker_max_new_tokens",
                  "defender_max_new_tokens", "checkpoint_every"):
         if getattr(cfg, name) < 1:
@@ -290,7 +293,7 @@ def ppo_update(policy, reference, optimizer, samples, pad_id, cfg: Config, gen, 
     """REINFORCE++ with the PPO clip on the attacker and defender samples of one step, together.
 
     Each epoch shuffles the samples into `minibatches` optimiser steps; each minibatch runs in
-    micro-batches of similar length whose gradients add up to the minibatch's loss.
+    micro-batches (rows of the same role prompt together) whose gradients add up to the minibatch's loss.
     """
     times, stats = {}, {}
     device = next(policy.parameters()).device
@@ -345,6 +348,16 @@ def ppo_update(policy, reference, optimizer, samples, pad_id, cfg: Config, gen, 
 
 # ----------------------------------------------------------------------------------------------
 # The loop
+
+
+def release_freed_memory():
+    """Give the memory freed by the last phase back to the OS. glibc keeps freed activations in its
+    heap, and without this the resident size creeps up by ~0.5 GB a step."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
 
 
 def compute_dtype(cfg: Config, device) -> torch.dtype:
@@ -437,10 +450,12 @@ def train(cfg: Config, judge=None):
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # step k's draws depend on (seed, k) only
             seeds = draw_seeds(harmful, benign, cfg, gen)
             games, samples, times = play_games(policy, defender, tokenizer, judge, seeds, cfg, gen)
+            release_freed_memory()
             stats = {}
             if samples:
                 stats, t_update = ppo_update(policy, reference, optimizer, samples, tokenizer.pad_token_id, cfg, gen, demos)
                 times.update(t_update)
+                release_freed_memory()
             row = {"step": step, "time": round(time.time(), 1), **game_metrics(games),
                    "reward_attacker": mean([s.reward for s in samples if s.role == rl.ATTACKER]),
                    "reward_defender": mean([s.reward for s in samples if s.role == rl.DEFENDER]),

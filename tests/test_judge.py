@@ -110,7 +110,7 @@ def test_training_fits_the_examples():
 
 def test_training_examples_come_from_the_project_data_only():
     examples = JT.judge_training_examples()
-    held = {r["prompt"] for r in J.read_jsonl(J.HERE / "data/judge/heldout.jsonl")}
+    held = {r["prompt"] for f in JT.HELD_OUT_FILES for r in J.read_jsonl(J.HERE / f)}
     assert len(examples) > 1000 and not held & {p for p, _, _ in examples}
     for prompt, response, targets in examples:
         assert (response is None) == (targets[0] is not None)
