@@ -1,4 +1,5 @@
-"""The run folder of selfplay.py: checkpoints that resume, the JSONL logs, and curves.png.
+"""The run folder of selfplay.py: checkpoints that resume, the JSONL logs and the per-step rates
+that go into them, and curves.png.
 
   out/config.json                 the run's settings (a resumed run reuses them)
   out/metrics.jsonl               one line per step
@@ -73,6 +74,43 @@ def keep_steps(path: Path, last_step: int) -> list[dict]:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, path)
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# What a step's games add up to: a line of metrics.jsonl, and the progress bar
+
+
+def game_metrics(games) -> dict:
+    """Rates over one step's games (None where a rate has no games)."""
+    def rate(rows, cond):
+        rows = [g for g in rows if g["labels"]["refusal"] is not None]
+        return sum(map(cond, rows)) / len(rows) if rows else None
+
+    harmful = [g for g in games if g["type"].endswith("_harmful")]
+    benign = [g for g in games if g["type"].endswith("_benign")]
+    attacked = [g for g in games if g["type"].startswith("generated_")]
+    return {
+        "attack_success": rate([g for g in attacked if g["type"] == "generated_harmful"],
+                               lambda g: g["labels"]["response"] == "harmful"),
+        "refusal_harmful": rate(harmful, lambda g: g["labels"]["refusal"] == "refusal"),
+        "compliance_benign": rate(benign, lambda g: g["labels"]["refusal"] == "compliance"),
+        "harmful_response_rate": rate(harmful, lambda g: g["labels"]["response"] == "harmful"),
+        "faithfulness": rate(attacked, lambda g: (g["labels"]["prompt"] == "harmful") == g["type"].endswith("_harmful")),
+        "format_ok_attacker": rate(attacked, lambda g: g["attacker_format_ok"]),
+        "format_ok_defender": rate(games, lambda g: g["defender_format_ok"]),
+        "ties": sum(g["reward_defender"] is None for g in games),
+    }
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def progress_summary(row):
+    """The progress bar's summary of one step."""
+    parts = [("R_att", "reward_attacker"), ("R_def", "reward_defender"), ("refuse_h", "refusal_harmful"),
+             ("comply_b", "compliance_benign"), ("asr", "attack_success"), ("kl", "kl"), ("s", "t_step")]
+    return " ".join(f"{name}={row[key]:.2f}" for name, key in parts if row.get(key) is not None)
 
 
 CURVES = [("reward per role", ["reward_attacker", "reward_defender"]),

@@ -9,7 +9,7 @@ Read top to bottom:
   prepare_run         the warm-up (warmup.py) that becomes checkpoints/step_0000, or a resumed checkpoint
   train               the loop: metrics.jsonl, games.jsonl, checkpoints, resume, Ctrl-C, curves.png
 The RL maths is in rl.py, the sampler in sampler.py, the role prompts in model.py, the run
-folder's files in runlog.py.
+folder's files and per-step rates in runlog.py.
 """
 import argparse
 import ctypes
@@ -29,8 +29,8 @@ from judge import load_judge, to_labels
 from model import (UserError, attacker_messages, cache_dir, cpu_has_bf16, default_device, defender_messages,
                    exit_on_user_error, load_policy, play_turn, read_prompt_file, render_prompt,
                    resolve_policy_path)
-from runlog import (append_jsonl, checkpoint_path, keep_steps, last_checkpoint, plot_curves, read_jsonl_lines,
-                    save_checkpoint)
+from runlog import (append_jsonl, checkpoint_path, game_metrics, keep_steps, last_checkpoint, mean, plot_curves,
+                    progress_summary, read_jsonl_lines, save_checkpoint)
 from sampler import generation_logprobs
 from warmup import demo_experiences, sft_batches, sft_loss, warm_up, warmup_key
 
@@ -234,28 +234,6 @@ def play_games(policy, defender, tokenizer, judge, seeds, cfg: Config, gen):
     n_tokens = int(defend.sample.mask.sum()) + (int(attack.sample.mask.sum()) if attack else 0)
     times["tokens_per_s"] = n_tokens / max(times["t_attacker"] + times["t_defender"], 1e-9)
     return games, samples, times
-
-
-def game_metrics(games) -> dict:
-    """Rates over one step's games (None where a rate has no games)."""
-    def rate(rows, cond):
-        rows = [g for g in rows if g["labels"]["refusal"] is not None]
-        return sum(map(cond, rows)) / len(rows) if rows else None
-
-    harmful = [g for g in games if g["type"].endswith("_harmful")]
-    benign = [g for g in games if g["type"].endswith("_benign")]
-    attacked = [g for g in games if g["type"].startswith("generated_")]
-    return {
-        "attack_success": rate([g for g in attacked if g["type"] == "generated_harmful"],
-                               lambda g: g["labels"]["response"] == "harmful"),
-        "refusal_harmful": rate(harmful, lambda g: g["labels"]["refusal"] == "refusal"),
-        "compliance_benign": rate(benign, lambda g: g["labels"]["refusal"] == "compliance"),
-        "harmful_response_rate": rate(harmful, lambda g: g["labels"]["response"] == "harmful"),
-        "faithfulness": rate(attacked, lambda g: (g["labels"]["prompt"] == "harmful") == g["type"].endswith("_harmful")),
-        "format_ok_attacker": rate(attacked, lambda g: g["attacker_format_ok"]),
-        "format_ok_defender": rate(games, lambda g: g["defender_format_ok"]),
-        "ties": sum(g["reward_defender"] is None for g in games),
-    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,24 +443,13 @@ def train(cfg: Config, judge=None):
             append_jsonl(out / "games.jsonl", [{"step": step, **g} for g in games])
             append_jsonl(out / "metrics.jsonl", [row])
             rows.append(row)
-            bar.set_postfix_str(short(row))
+            bar.set_postfix_str(progress_summary(row))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.requested:
                 save_checkpoint(out, step, policy, tokenizer, optimizer)
                 plot_curves(rows, out / "curves.png")
             if stop.requested:
                 break
     return out, step, rows
-
-
-def mean(xs):
-    return sum(xs) / len(xs) if xs else None
-
-
-def short(row):
-    """The progress bar's summary of one step."""
-    parts = [("R_att", "reward_attacker"), ("R_def", "reward_defender"), ("refuse_h", "refusal_harmful"),
-             ("comply_b", "compliance_benign"), ("asr", "attack_success"), ("kl", "kl"), ("s", "t_step")]
-    return " ".join(f"{name}={row[key]:.2f}" for name, key in parts if row.get(key) is not None)
 
 
 def parse_args(argv=None) -> Config:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import selfplay as SP
 from conftest import make_model, make_tokenizer
 from model import UserError
-from runlog import last_checkpoint
+from runlog import game_metrics, last_checkpoint
 
 
 class FixedJudge:
@@ -70,7 +70,7 @@ def test_game_metrics_count_by_hand():
              game("vanilla_harmful", "refusal", "unharmful", fmt=False),
              game("generated_benign", "compliance", "unharmful", prompt="harmful"),
              game("vanilla_benign", "refusal", "unharmful", prompt="unharmful")]
-    m = SP.game_metrics(games)
+    m = game_metrics(games)
     assert m["attack_success"] == 0.5 and m["refusal_harmful"] == pytest.approx(2 / 3)
     assert m["compliance_benign"] == 0.5 and m["harmful_response_rate"] == pytest.approx(1 / 3)
     assert m["faithfulness"] == pytest.approx(2 / 3)  # the benign revision was judged harmful
