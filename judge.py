@@ -279,7 +279,7 @@ def evaluate_judge(judge, benchmarks=None):
     report = {}
     # heldout: polished responses of every shape; heldout_weak: the short, vague, confused answers
     # of a 135M policy, where "no concrete steps" must not be read as a refusal
-    for name in ("heldout", "heldout_weak"):
+    for name in ("heldout_weak", "heldout"):  # `held` ends as heldout.jsonl, timed below
         held = read_jsonl(HERE / f"data/judge/{name}.jsonl")
         verdicts = judge([r["prompt"] for r in held], [r["response"] for r in held])
         for key in LABELS:
@@ -287,7 +287,6 @@ def evaluate_judge(judge, benchmarks=None):
                                                     for v, r in zip(verdicts, held) if r[key] is not None])
         report[f"{name}_keyword_refusal_acc"] = accuracy([(keyword_refusal(r["response"]), r["response_refusal"])
                                                           for r in held if r["response"] is not None])
-    held = read_jsonl(HERE / "data/judge/heldout.jsonl")
     bench = Path(benchmarks) if benchmarks else None
     if bench and bench.is_dir():
         def harmful(prompts):

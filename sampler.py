@@ -106,15 +106,7 @@ def shared_prefix_length(input_ids, attention_mask) -> int:
     Every prompt of a role starts with the same chat template and instructions (100-300 tokens),
     so the sampler computes that part once instead of once per row.
     """
-    B, P = input_ids.shape
-    lengths = attention_mask.sum(1)
-    n = int(lengths.min()) - 1
-    if B == 1 or n <= 0:
-        return 0
-    start = P - lengths  # the first real column of each row
-    aligned = input_ids.gather(1, start[:, None] + torch.arange(n, device=input_ids.device))
-    differs = (aligned != aligned[:1]).any(0)
-    return int(differs.nonzero()[0]) if differs.any() else n
+    return common_prefix_length([row[m.bool()] for row, m in zip(input_ids, attention_mask)])
 
 
 def prefill(model, input_ids, attention_mask, capacity, min_shared=16):
