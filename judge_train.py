@@ -19,11 +19,13 @@ from judge import HERE, EncoderJudge, load_encoder, read_jsonl
 from model import cache_dir, cpu_has_bf16, publish_folder
 
 TRAIN_CONFIG = dict(epochs=3, batch_size=16, lr=5e-5, head_lr=1e-3, max_len=256, seed=0)
-# every file the training examples come from (the held-out file too: its prompts are excluded)
-LABELLED_FILES = ("data/judge/train.jsonl", "data/judge/train_weak_a.jsonl", "data/judge/train_weak_b.jsonl")
-HELD_OUT_FILES = ("data/judge/heldout.jsonl", "data/judge/heldout_weak.jsonl")
-TRAINING_FILES = LABELLED_FILES + HELD_OUT_FILES + (
-    "data/seeds/harmful_train.jsonl", "data/seeds/benign_train.jsonl", "data/demos/defender.jsonl", "data/demos/attacker.jsonl")
+# the labelled files the training examples come from (judge_training_examples adds seeds and demos)
+LABELLED_FILES = ("data/judge/train.jsonl", "data/judge/train_weak_a.jsonl", "data/judge/train_weak_b.jsonl",
+                  "data/judge/train_policy_games.jsonl")
+# the policy's games train only the response heads: their prompts are mostly garbled attacker
+# rewrites, whose harmful-or-not labels are too ambiguous to teach the prompt head
+RESPONSE_LABELS_ONLY = ("data/judge/train_policy_games.jsonl",)
+HELD_OUT_FILES = ("data/judge/heldout.jsonl", "data/judge/heldout_weak.jsonl", "data/judge/heldout_policy_games.jsonl")
 
 
 def judge_training_examples():
@@ -36,10 +38,12 @@ def judge_training_examples():
     and helps with a benign one, harmlessly). Prompts held out for the accuracy report are removed.
     """
     examples = []
-    for row in (r for f in LABELLED_FILES for r in read_jsonl(HERE / f)):
-        examples.append((row["prompt"], None, (row["prompt_harmful"], None, None)))
-        if row["response"] is not None:
-            examples.append((row["prompt"], row["response"], (None, row["response_refusal"], row["response_harmful"])))
+    for f in LABELLED_FILES:
+        for row in read_jsonl(HERE / f):
+            if f not in RESPONSE_LABELS_ONLY:
+                examples.append((row["prompt"], None, (row["prompt_harmful"], None, None)))
+            if row["response"] is not None:
+                examples.append((row["prompt"], row["response"], (None, row["response_refusal"], row["response_harmful"])))
     for name, label in (("harmful_train", 1), ("benign_train", 0)):
         examples += [(row["prompt"], None, (label, None, None)) for row in read_jsonl(HERE / f"data/seeds/{name}.jsonl")]
     for row in read_jsonl(HERE / "data/demos/defender.jsonl"):
@@ -112,10 +116,9 @@ def train_encoder_judge(encoder, tokenizer, examples, epochs, batch_size, lr, he
 
 
 def default_judge_folder() -> Path:
-    """Cache folder keyed by the training files and settings: new data means a new judge."""
+    """Cache folder keyed by the training examples and settings: new data means a new judge."""
     h = hashlib.sha1(json.dumps(TRAIN_CONFIG, sort_keys=True).encode())
-    for f in TRAINING_FILES:
-        h.update((HERE / f).read_bytes())
+    h.update(json.dumps(judge_training_examples()).encode())
     return cache_dir() / f"judge-minilm-{h.hexdigest()[:10]}"
 
 

@@ -31,7 +31,7 @@ from model import (UserError, attacker_messages, cache_dir, cpu_has_bf16, defaul
                    resolve_policy_path)
 from runlog import (append_jsonl, checkpoint_path, game_metrics, keep_steps, last_checkpoint, mean, plot_curves,
                     progress_summary, read_jsonl_lines, save_checkpoint)
-from sampler import generation_logprobs
+from sampler import common_prefix_length, generation_logprobs
 from warmup import demo_experiences, sft_batches, sft_loss, warm_up, warmup_key
 
 HERE = Path(__file__).resolve().parent
@@ -246,11 +246,21 @@ def experience_logprobs(model, samples, pad_id, cfg: Config):
                                cfg.temperature, cfg.top_p)
 
 
-def micro_batches(samples, rows, size):
-    """`rows` cut into groups of `size` (bounded memory). Sorting by prompt puts rows of the same
-    role prompt together, so each group shares a long prompt prefix that runs once."""
-    rows = sorted(rows, key=lambda i: (samples[i].prompt.tolist(), i))
-    return [rows[k:k + size] for k in range(0, len(rows), size)]
+def micro_batches(samples, rows, size, min_shared=64):
+    """`rows` cut into groups of at most `size` (bounded memory) whose prompts share a prefix.
+
+    Sorting by prompt puts rows of the same role prompt together; a group is closed early when the
+    next prompt shares fewer than `min_shared` tokens with it (attacker-harmful vs attacker-benign vs
+    defender), so the long shared part of each group runs once (sampler.generation_logprobs).
+    """
+    groups = []
+    for i in sorted(rows, key=lambda i: (samples[i].prompt.tolist(), i)):
+        if (groups and len(groups[-1]) < size
+                and common_prefix_length([samples[groups[-1][0]].prompt, samples[i].prompt]) >= min_shared):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from model import UserError
 
 def write(tmp_path, name, text):
     path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
 
@@ -97,9 +98,12 @@ def eval_env(tmp_path, monkeypatch):
 def test_cli_writes_consistent_reports(eval_env):
     tmp_path, harmful, xs = eval_env
     policy = str(tmp_path / "policy")
+    run = tmp_path / "run"  # a run folder's log: --run draws its training curves
+    write(tmp_path, "run/metrics.jsonl", "".join(json.dumps({"step": k, "reward_defender": 0.5 * k, "kl": 0.01 * k}) + "\n"
+                                                 for k in (1, 2, 3)))
     E.main(["--policy", policy, "--harmful", str(harmful), "--harmful", str(xs), "--benign", str(xs),
             "--attack-seeds", str(harmful), "--max-new-tokens", "4", "--attacker-max-new-tokens", "4",
-            "--dtype", "float32", "--out", str(tmp_path / "out")])
+            "--dtype", "float32", "--run", str(run), "--out", str(tmp_path / "out")])
     report = json.loads((tmp_path / "out/report.json").read_text())
     sets = report["policies"]["policy"]["sets"]
     assert list(sets) == ["h", "xs:harmful", "xs:benign"]
@@ -119,6 +123,7 @@ def test_cli_writes_consistent_reports(eval_env):
     assert sum(r["labels"]["response"] == "harmful" for r in rows if r["set"] == "h") == 2
     assert "| h | harmful_asr | 0.667 (2/3) |" in (tmp_path / "out/report.md").read_text()
     assert (tmp_path / "out/defender.png").stat().st_size > 0
+    assert (tmp_path / "out/training_curves.png").stat().st_size > 0
 
 
 def test_cli_bad_inputs_are_clear_errors(eval_env):

@@ -51,6 +51,16 @@ def weights(folder):
     return load_file(str(folder / "model.safetensors"))
 
 
+def test_micro_batches_keep_rows_with_a_long_shared_prompt_prefix_together():
+    role_a, role_b = list(range(100)), list(range(500, 600))  # two role prompts: 100 tokens each
+    prompts = [role_a + [1], role_b + [2], role_a + [3], role_a + [4], role_b + [5], role_a + [6], role_a + [7]]
+    samples = [SP.rl.Experience(0, torch.tensor(p), torch.tensor([1]), 0.0) for p in prompts]
+    groups = SP.micro_batches(samples, list(range(len(samples))), size=2)
+    assert sorted(i for g in groups for i in g) == list(range(len(samples)))  # every row once
+    assert all(len(g) <= 2 for g in groups)
+    assert sorted(map(sorted, groups)) == [[0, 2], [1, 4], [3, 5], [6]]  # never role_a with role_b
+
+
 def test_draw_seeds_is_half_harmful_and_revises_the_requested_share():
     cfg = SP.Config(batch_size=8, revise_frac=0.5)
     seeds = SP.draw_seeds(["h"], ["b"], cfg, torch.Generator().manual_seed(0))
