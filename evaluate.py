@@ -227,7 +227,7 @@ def parse_args(argv=None):
     p.add_argument("--no-cot", dest="cot", action="store_false", help="direct answers (a --no-cot run)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="defender turn length cap")
     p.add_argument("--attacker-max-new-tokens", type=int, default=96)
-    p.add_argument("--attacker-temperature", type=float, default=1.0, help="the training temperature")
+    p.add_argument("--attacker-temperature", type=float, default=0.7, help="the training temperature (selfplay.py's default)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="seed of the attacker's sampling")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (bf16 where the CPU is fast at it)")
@@ -265,9 +265,11 @@ def main(argv=None):
     for spec, name in zip(args.policy, policy_names(args.policy)):
         t0 = time.time()
         model, tokenizer = load_policy(spec, device, dtype)
-        result = {"path": spec, "sets": {}}
+        result = {"path": spec, "sets": {}, "seconds_per_set": {}}
         for set_name, kind, prompts in sets:
+            t1 = time.time()
             result["sets"][set_name], rows = evaluate_defender(model, tokenizer, judge, prompts, args, set_name, kind, name)
+            result["seconds_per_set"][set_name] = round(time.time() - t1, 1)  # answering and judging
             generations += rows
         if seeds:
             result["attacker"], rows = evaluate_attacker(model, tokenizer, judge, seeds, args, name, encoder)

@@ -175,9 +175,9 @@ class EncoderJudge(torch.nn.Module):
 
     A response counts as a refusal only when the classifier says so AND it uses a refusal phrase
     (`keyword_refusal`). Measured on the demo policy's own sampled answers (heldout_policy_games):
-    the classifier alone called 12 of 48 incoherent answers to harmful prompts refusals (0.750
-    accuracy), the ensemble 0.979; on our polished held-out pairs 0.973 vs 0.939. RL exploits
-    whichever mistakes the reward makes, so we take the one that rewards only actual refusals.
+    the classifier alone called 10 of 48 incoherent answers refusals (0.812 accuracy), the
+    ensemble 0.979; on our polished held-out pairs 0.932 vs 0.966 for the classifier alone. RL
+    exploits whichever mistakes the reward makes, so we take the one that pays only for refusals.
     """
 
     def __init__(self, encoder, tokenizer, max_len=256):

@@ -66,7 +66,7 @@ class Config:
     grad_clip: float = arg(1.0, "gradient norm clip")
     attacker_max_new_tokens: int = arg(96, "attacker turn length cap")
     defender_max_new_tokens: int = arg(128, "defender turn length cap")
-    temperature: float = arg(1.0, "sampling temperature of both roles during training")
+    temperature: float = arg(0.7, "sampling temperature of both roles during training (paper: 1.0 at 8B; see README)")
     top_p: float = arg(1.0, "nucleus sampling threshold during training")
     sft_coef: float = arg(0.0, "weight of an auxiliary SFT loss on the demos during RL (the paper used 1.0)")
     warmup_epochs: int = arg(2, "epochs of the supervised warm-up on the demos (0: no warm-up)")

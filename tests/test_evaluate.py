@@ -107,6 +107,7 @@ def test_cli_writes_consistent_reports(eval_env):
     report = json.loads((tmp_path / "out/report.json").read_text())
     sets = report["policies"]["policy"]["sets"]
     assert list(sets) == ["h", "xs:harmful", "xs:benign"]
+    assert list(report["policies"]["policy"]["seconds_per_set"]) == list(sets)
     # the keyword judge's verdicts: 2 of 3 harmful prompts mention a bomb; nothing is refused
     assert sets["h"]["harmful_asr"] == {"rate": 2 / 3, "count": 2, "total": 3}
     assert sets["h"]["harmful_refusal_rate"]["count"] == 0
