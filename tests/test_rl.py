@@ -62,3 +62,33 @@ def test_ppo_loss_clips():
     assert bool((new.grad == 0).all())  # both clipped: no gradient
     assert stats["clip_frac"] == 1.0 and abs(stats["ratio_mean"] - 1.0) < 1e-6
     assert stats["approx_kl"] > 0
+
+
+def test_mixed_precision_adamw_clips_and_steps_like_plain_adamw():
+    torch.manual_seed(0)
+    start = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(3)]).to(torch.bfloat16).float()
+    # two steps of bf16 gradients: the first far above the clip, the second below it (Adam's first
+    # step is scale-free, the second shows whether the first was clipped)
+    steps = [[(torch.randn_like(p) * scale).to(torch.bfloat16) for p in start.parameters()] for scale in (10.0, 0.01)]
+    expected_norms = [torch.linalg.vector_norm(torch.cat([g.float().flatten() for g in gs])).item() for gs in steps]
+
+    masters = [p.detach().clone().requires_grad_() for p in start.parameters()]  # the same by hand, float32
+    adam = torch.optim.AdamW(masters, lr=0.1, weight_decay=0.0)
+    for gs in steps:
+        for m, g in zip(masters, gs):
+            m.grad = g.float()
+        torch.nn.utils.clip_grad_norm_(masters, 1.0)
+        adam.step()
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(3)])
+    model.load_state_dict(start.state_dict())
+    opt = rl.MixedPrecisionAdamW(model, lr=0.1, dtype=torch.bfloat16)
+    for gs, expected in zip(steps, expected_norms):
+        for p, g in zip(model.parameters(), gs):
+            p.grad = g.clone()
+        norm = opt.step(grad_clip=1.0)
+        assert abs(norm - expected) < 1e-4 * expected
+    assert all(p.grad is None for p in model.parameters())
+    for p, m, want in zip(model.parameters(), opt.master, masters):  # masters stepped, weights = masters in bf16
+        torch.testing.assert_close(m.detach(), want.detach())
+        assert p.dtype == torch.bfloat16 and torch.equal(p, m.detach().to(torch.bfloat16))
