@@ -267,9 +267,8 @@ def micro_batches(samples, rows, size, min_shared=64):
 def batch_logprobs(model, samples, micros, pad_id, cfg):
     """experience_logprobs of every sample, one micro-batch at a time, as one (S, N) tensor.
 
-    The old log-probs are computed over the same micro-batches as the first pass of the update:
-    each row is packed the same way (bf16 sums depend on the batch shape), so the first ratio is
-    exactly 1, as it must be.
+    The old log-probs use the micro-batches of the update's first pass (bf16 sums depend on the
+    batch shape), so each row is packed the same way and the first ratio is exactly 1.
     """
     out = torch.zeros(len(samples), max(len(s.tokens) for s in samples), device=next(model.parameters()).device)
     for rows in micros:
