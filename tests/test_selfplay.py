@@ -3,7 +3,7 @@ import itertools
 
 import pytest
 
-from selfplay import game_rewards
+from game import game_rewards
 
 
 def labels(prompt, refusal, response):
