@@ -290,15 +290,18 @@ def evaluate_judge(judge, benchmarks=None):
     report = {}
     # heldout: polished responses of every shape; heldout_weak: the short, vague, confused answers
     # of a 135M policy, where "no concrete steps" must not be read as a refusal; heldout_policy_games:
-    # the demo policy's own sampled answers (temperature 1), labelled by hand
-    for name in ("heldout_policy_games", "heldout_weak", "heldout"):  # `held` ends as heldout.jsonl, timed below
+    # the demo policy's own sampled answers (temperature 1), labelled by hand; heldout_context:
+    # prompts only, each a pasted document and a request about it
+    for name in ("heldout_context", "heldout_policy_games", "heldout_weak", "heldout"):  # `held` ends as heldout.jsonl, timed below
         held = read_jsonl(HERE / f"data/judge/{name}.jsonl")
         verdicts = judge([r["prompt"] for r in held], [r["response"] for r in held])
         for key in LABELS:
-            report[f"{name}_{key}_acc"] = accuracy([(v[key] >= THRESHOLDS[key], r[key])
-                                                    for v, r in zip(verdicts, held) if r[key] is not None])
-        report[f"{name}_keyword_refusal_acc"] = accuracy([(keyword_refusal(r["response"]), r["response_refusal"])
-                                                          for r in held if r["response"] is not None])
+            if any(r[key] is not None for r in held):
+                report[f"{name}_{key}_acc"] = accuracy([(v[key] >= THRESHOLDS[key], r[key])
+                                                        for v, r in zip(verdicts, held) if r[key] is not None])
+        if any(r["response"] is not None for r in held):
+            report[f"{name}_keyword_refusal_acc"] = accuracy([(keyword_refusal(r["response"]), r["response_refusal"])
+                                                              for r in held if r["response"] is not None])
     bench = Path(benchmarks) if benchmarks else None
     if bench and bench.is_dir():
         def harmful(prompts):
@@ -342,8 +345,9 @@ def main():
     judge = load_judge(args.judge)
     if args.eval:
         report = evaluate_judge(judge, args.benchmarks)
+        width = max(map(len, report)) + 2
         for name, value in report.items():
-            print(f"{name:<36}" + (f"{value[0]:.3f}  (n={value[1]})" if isinstance(value, tuple) else f"{value}"))
+            print(f"{name:<{width}}" + (f"{value[0]:.3f}  (n={value[1]})" if isinstance(value, tuple) else f"{value}"))
         print(json.dumps({k: (round(v[0], 4) if isinstance(v, tuple) else v) for k, v in report.items()}))
     else:
         n = label_file(judge, args.input, args.output, args.batch_size)

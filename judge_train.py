@@ -25,7 +25,8 @@ LABELLED_FILES = ("data/judge/train.jsonl", "data/judge/train_weak_a.jsonl", "da
 # the policy's games train only the response heads: their prompts are mostly garbled attacker
 # rewrites, whose harmful-or-not labels are too ambiguous to teach the prompt head
 RESPONSE_LABELS_ONLY = ("data/judge/train_policy_games.jsonl",)
-HELD_OUT_FILES = ("data/judge/heldout.jsonl", "data/judge/heldout_weak.jsonl", "data/judge/heldout_policy_games.jsonl")
+HELD_OUT_FILES = ("data/judge/heldout.jsonl", "data/judge/heldout_weak.jsonl", "data/judge/heldout_policy_games.jsonl",
+                  "data/judge/heldout_context.jsonl")
 
 
 def judge_training_examples():
