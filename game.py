@@ -130,9 +130,9 @@ def play_games(policy, defender, tokenizer, judge, seeds, cfg, gen):
         r_att, r_def = game_rewards(s["type"], s["revised"], labels, attack.format_ok[j] if j is not None else True,
                                     defend.format_ok[i], cfg.reward_table, cfg.cot)
         if cfg.mode != "defender_only" and j is not None and r_att is not None:
-            samples.append(rl.Experience(rl.ATTACKER, *turn_tokens(attack, j), r_att))
+            samples.append(rl.Experience(rl.ATTACKER, *turn_tokens(attack, j), r_att, s["type"] == "harmful"))
         if cfg.mode != "attacker_only" and r_def is not None:
-            samples.append(rl.Experience(rl.DEFENDER, *turn_tokens(defend, i), r_def))
+            samples.append(rl.Experience(rl.DEFENDER, *turn_tokens(defend, i), r_def, s["type"] == "harmful"))
         games.append({
             "seed": s["seed"], "type": ("generated_" if s["revised"] else "vanilla_") + s["type"],
             "attacker_thinking": attack.thinking[j] if j is not None else None,

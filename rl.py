@@ -25,6 +25,7 @@ class Experience:
     prompt: torch.Tensor    # (prompt,) token ids, unpadded
     tokens: torch.Tensor    # (new,) generated token ids, unpadded (EOS included when sampled)
     reward: float           # the game reward of this turn
+    harmful_seed: bool = False  # the game's seed was harmful (for --whiten role_and_seed)
 
 
 def masked_mean(x, mask, dim=None):
@@ -65,14 +66,12 @@ def returns_to_go(rewards_BT, mask_BT, gamma=1.0):
 def whiten_per_role(advantages_BT, mask_BT, role_B, eps=1e-8):
     """Normalise advantages to mean 0 / std 1 over the tokens of each role separately.
 
-    A role with no samples in the batch is skipped (attacker-only and defender-only modes).
+    `role_B` may also hold finer group ids (selfplay's --whiten role_and_seed): each id present is
+    normalised on its own, so a role with no samples in the batch is simply absent.
     """
     out = torch.zeros_like(advantages_BT)
-    for role in (ATTACKER, DEFENDER):
-        rows = role_B == role
-        if not rows.any():
-            continue
-        m = mask_BT * rows[:, None].to(mask_BT.dtype)
+    for group in role_B.unique().tolist():
+        m = mask_BT * (role_B == group)[:, None].to(mask_BT.dtype)
         mean = masked_mean(advantages_BT, m)
         var = masked_mean((advantages_BT - mean) ** 2, m)
         out = torch.where(m.bool(), (advantages_BT - mean) / (var.sqrt() + eps), out)

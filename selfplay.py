@@ -56,6 +56,8 @@ class Config:
     lr: float = arg(4e-5, "Adam learning rate of the RL update")
     kl_beta: float = arg(0.01, "beta of the per-token k1 KL penalty against the reference (step_0000)")
     clip_eps: float = arg(0.2, "PPO clip range epsilon")
+    whiten: str = arg("role", "advantage whitening groups: role (as released) | role_and_seed (each role's harmful-seed "
+                              "and benign-seed samples apart, a per-kind baseline)")
     ppo_epochs: int = arg(1, "passes over each step's samples")
     minibatches: int = arg(2, "optimiser steps per pass (PPO clipping matters from the second)")
     micro_batch_size: int = arg(2, "rows per forward/backward; gradients add up over a minibatch (memory vs speed)")
@@ -74,11 +76,14 @@ class Config:
 
 
 MODES = ("selfplay", "attacker_only", "defender_only")
+WHITEN = ("role", "role_and_seed")
 
 
 def check_config(cfg: Config):
     if cfg.mode not in MODES:
         raise UserError(f"--mode must be one of {', '.join(MODES)}, not '{cfg.mode}'")
+    if cfg.whiten not in WHITEN:
+        raise UserError(f"--whiten must be one of {', '.join(WHITEN)}, not '{cfg.whiten}'")
     if cfg.reward_table not in REWARD_TABLES:
         raise UserError(f"--reward-table must be one of {', '.join(REWARD_TABLES)}")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
@@ -167,6 +172,8 @@ def ppo_update(policy, reference, optimizer, samples, pad_id, cfg: Config, gen, 
     for i, s in enumerate(samples):
         mask[i, :len(s.tokens)] = 1
     role = torch.tensor([s.role for s in samples], device=device)
+    if cfg.whiten == "role_and_seed":  # 4 groups: (attacker, defender) x (benign, harmful seed)
+        role = role * 2 + torch.tensor([int(s.harmful_seed) for s in samples], device=device)
     reward = torch.tensor([s.reward for s in samples], device=device)
     token_rewards, kl = rl.kl_shaped_rewards(old_logp, ref_logp, mask, reward, cfg.kl_beta)
     advantages = rl.whiten_per_role(rl.returns_to_go(token_rewards, mask), mask, role)

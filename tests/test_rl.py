@@ -33,6 +33,16 @@ def test_whitening_is_separate_per_role():
     assert bool((out[:, 2] == 0).all())
 
 
+def test_whitening_by_role_and_seed_kind_normalises_each_group_alone():
+    adv = torch.tensor([[1.0, 3.0], [5.0, 9.0], [2.0, 2.0], [0.0, 4.0], [-4.0, 0.0]])
+    group = torch.tensor([0, 1, 3, 3, 3])  # role * 2 + harmful seed, as selfplay's --whiten role_and_seed
+    out = rl.whiten_per_role(adv, torch.ones(5, 2), group)
+    torch.testing.assert_close(out[0], torch.tensor([-1.0, 1.0]))
+    torch.testing.assert_close(out[1], torch.tensor([-1.0, 1.0]))
+    g = adv[2:].flatten()
+    torch.testing.assert_close(out[2:].flatten(), (g - g.mean()) / (g - g.mean()).pow(2).mean().sqrt())
+
+
 def test_whitening_skips_a_role_with_no_samples():
     adv = torch.tensor([[1.0, 3.0]])
     out = rl.whiten_per_role(adv, torch.ones(1, 2), torch.tensor([rl.DEFENDER]))

@@ -142,6 +142,7 @@ def test_resume_repeats_the_uninterrupted_run(run_args, dtype):
     (["--mode", "defender_only"], False, True),
     (["--no-cot", "--reward-table", "zero_sum"], True, True),
     (["--sft-coef", "1.0", "--minibatches", "1"], True, True),
+    (["--whiten", "role_and_seed"], True, True),
 ])
 def test_each_mode_runs(run_args, flags, attacker, defender):
     out, _, rows = SP.train(SP.parse_args(run_args("--steps", "1", *flags)), judge=FixedJudge())
@@ -167,6 +168,7 @@ def test_ctrl_c_finishes_the_step_and_checkpoints(run_args):
 
 @pytest.mark.parametrize("flags,message", [
     (["--mode", "both"], "--mode must be one of"),
+    (["--whiten", "batch"], "--whiten must be one of"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--revise-frac", "1.5"], "--revise-frac must be in"),
     (["--seeds-harmful", "/no/such.jsonl"], "no such prompt file"),
