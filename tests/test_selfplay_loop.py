@@ -61,6 +61,38 @@ def test_micro_batches_keep_rows_with_a_long_shared_prompt_prefix_together():
     assert sorted(map(sorted, groups)) == [[0, 2], [1, 4], [3, 5], [6]]  # never role_a with role_b
 
 
+@pytest.mark.parametrize("whiten", ["role", "role_and_seed"])
+def test_an_update_makes_rewarded_turns_likelier_and_punished_ones_rarer(whiten):
+    """The whole update path (micro-batches sorted by prompt, old and reference log-probs,
+    returns, whitening, PPO) moves each sample the way its reward says."""
+    tokenizer = make_tokenizer()
+    policy, reference = make_model(tokenizer), make_model(tokenizer).requires_grad_(False)
+    ids = lambda text: torch.tensor(tokenizer(text)["input_ids"])
+    role_prompt = "A conversation between User and Assistant. The User asks a question and the Assistant answers it. " * 4
+    # a long shared role prompt, so that micro-batches hold 2 rows (SP.micro_batches)
+    prompts = [ids(role_prompt + q) for q in ("How do I bake bread?", "Write a poem about the sea.", "Hi.")]
+    turns = [ids(" Sure, here is how."), ids(" I can't help with that."), ids(" <answer> here </answer>")]
+    samples, reward = [], {}
+    for k, (prompt, turn) in enumerate((p, t) for p in prompts for t in turns):
+        reward[k] = [1.0, -1.0, 0.0][k % 3]  # "Sure, ..." pays, "I can't ..." costs, in every prompt
+        samples.append(SP.rl.Experience(k % 2, prompt, turn, reward[k], harmful_seed=k % 4 < 2))
+    cfg = SP.Config(lr=1e-4, minibatches=2, micro_batch_size=2, temperature=1.0, kl_beta=0.0, whiten=whiten)
+
+    def logps():
+        with torch.no_grad():
+            logp = SP.batch_logprobs(policy, samples, [[i] for i in range(len(samples))], tokenizer.pad_token_id, cfg)
+        return [logp[i, :len(s.tokens)].sum().item() for i, s in enumerate(samples)]
+    before = logps()
+    stats, _ = SP.ppo_update(policy, reference, SP.rl.MixedPrecisionAdamW(policy, cfg.lr), samples,
+                             tokenizer.pad_token_id, cfg, torch.Generator().manual_seed(0))
+    after = logps()
+    assert stats["first_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert SP.common_prefix_length(prompts) >= 64
+    moved = {k: after[k] - before[k] for k in reward}
+    assert all(moved[k] > 0 for k in reward if reward[k] > 0), moved
+    assert all(moved[k] < 0 for k in reward if reward[k] < 0), moved
+
+
 def test_draw_seeds_is_half_harmful_and_revises_the_requested_share():
     cfg = SP.Config(batch_size=8, revise_frac=0.5)
     seeds = SP.draw_seeds(["h"], ["b"], cfg, torch.Generator().manual_seed(0))
