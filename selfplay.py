@@ -171,12 +171,12 @@ def ppo_update(policy, reference, optimizer, samples, pad_id, cfg: Config, gen, 
     mask = torch.zeros_like(old_logp)
     for i, s in enumerate(samples):
         mask[i, :len(s.tokens)] = 1
-    role = torch.tensor([s.role for s in samples], device=device)
+    group = torch.tensor([s.role for s in samples], device=device)  # the whitening groups
     if cfg.whiten == "role_and_seed":  # 4 groups: (attacker, defender) x (benign, harmful seed)
-        role = role * 2 + torch.tensor([int(s.harmful_seed) for s in samples], device=device)
+        group = group * 2 + torch.tensor([int(s.harmful_seed) for s in samples], device=device)
     reward = torch.tensor([s.reward for s in samples], device=device)
     token_rewards, kl = rl.kl_shaped_rewards(old_logp, ref_logp, mask, reward, cfg.kl_beta)
-    advantages = rl.whiten_per_role(rl.returns_to_go(token_rewards, mask), mask, role)
+    advantages = rl.whiten_per_role(rl.returns_to_go(token_rewards, mask), mask, group)
     stats["kl"] = rl.masked_mean(kl, mask).item()
     stats["entropy"] = -rl.masked_mean(old_logp, mask).item()  # a sampled token's -log p estimates the entropy
 

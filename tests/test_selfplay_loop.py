@@ -71,6 +71,7 @@ def test_an_update_makes_rewarded_turns_likelier_and_punished_ones_rarer(whiten)
     role_prompt = "A conversation between User and Assistant. The User asks a question and the Assistant answers it. " * 4
     # a long shared role prompt, so that micro-batches hold 2 rows (SP.micro_batches)
     prompts = [ids(role_prompt + q) for q in ("How do I bake bread?", "Write a poem about the sea.", "Hi.")]
+    assert SP.common_prefix_length(prompts) >= 64
     turns = [ids(" Sure, here is how."), ids(" I can't help with that."), ids(" <answer> here </answer>")]
     samples, reward = [], {}
     for k, (prompt, turn) in enumerate((p, t) for p in prompts for t in turns):
@@ -87,7 +88,6 @@ def test_an_update_makes_rewarded_turns_likelier_and_punished_ones_rarer(whiten)
                              tokenizer.pad_token_id, cfg, torch.Generator().manual_seed(0))
     after = logps()
     assert stats["first_ratio"] == pytest.approx(1.0, abs=1e-6)
-    assert SP.common_prefix_length(prompts) >= 64
     moved = {k: after[k] - before[k] for k in reward}
     assert all(moved[k] > 0 for k in reward if reward[k] > 0), moved
     assert all(moved[k] < 0 for k in reward if reward[k] < 0), moved
