@@ -63,15 +63,15 @@ def returns_to_go(rewards_BT, mask_BT, gamma=1.0):
     return returns_BT * mask_BT
 
 
-def whiten_per_role(advantages_BT, mask_BT, role_B, eps=1e-8):
+def whiten_per_role(advantages_BT, mask_BT, group_B, eps=1e-8):
     """Normalise advantages to mean 0 / std 1 over the tokens of each role separately.
 
-    `role_B` may also hold finer group ids (selfplay's --whiten role_and_seed): each id present is
-    normalised on its own, so a role with no samples in the batch is simply absent.
+    `group_B` holds each sample's role (ATTACKER, DEFENDER), or finer group ids (selfplay's --whiten
+    role_and_seed): each id present is normalised on its own; a role with no samples is absent.
     """
     out = torch.zeros_like(advantages_BT)
-    for group in role_B.unique().tolist():
-        m = mask_BT * (role_B == group)[:, None].to(mask_BT.dtype)
+    for group in group_B.unique().tolist():
+        m = mask_BT * (group_B == group)[:, None].to(mask_BT.dtype)
         mean = masked_mean(advantages_BT, m)
         var = masked_mean((advantages_BT - mean) ** 2, m)
         out = torch.where(m.bool(), (advantages_BT - mean) / (var.sqrt() + eps), out)
