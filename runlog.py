@@ -16,8 +16,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from model import publish_folder
+from model import UserError, publish_folder
 
 
 def checkpoint_path(out: Path, step: int) -> Path:
@@ -29,12 +30,19 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer=None) -> P
     for resuming. No RNG state is needed: step k's random draws come from a generator seeded with
     (seed, k)."""
     folder = checkpoint_path(out, step)
+    for stale in folder.parent.glob("step_*.tmp*"):  # left by a process that was killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=optimizer.master_state_dict(model) if optimizer else None)
-    tokenizer.save_pretrained(tmp)
-    if optimizer is not None:
-        torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "trainer_state.pt")
+    try:
+        model.save_pretrained(tmp, state_dict=optimizer.master_state_dict(model) if optimizer else None)
+        tokenizer.save_pretrained(tmp)
+        if optimizer is not None:
+            torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "trainer_state.pt")
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: one line; the last checkpoint is intact
+        shutil.rmtree(tmp, ignore_errors=True)
+        found = last_checkpoint(out)
+        then = f"; free space and --resume {out} (from {found[1].name})" if found else ""
+        raise UserError(f"could not write checkpoint {folder}: {e}{then}") from None
     shutil.rmtree(folder, ignore_errors=True)
     publish_folder(tmp, folder)
     if optimizer is not None:  # only the newest checkpoint is resumed from, and Adam's state is twice the model

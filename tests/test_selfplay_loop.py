@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,6 +197,26 @@ def test_ctrl_c_finishes_the_step_and_checkpoints(run_args):
     out, step, rows = SP.train(SP.parse_args(run_args("--steps", "5", "--checkpoint-every", "5")), judge=InterruptingJudge())
     assert step == 1 and len(rows) == 1
     assert last_checkpoint(out)[0] == 1 and (out / "checkpoints/step_0001/trainer_state.pt").is_file()
+
+
+def test_a_failed_checkpoint_write_is_one_error_and_leaves_the_last_checkpoint(run_args, monkeypatch):
+    import runlog
+    real_save = torch.save
+
+    def disk_full_at_step_2(obj, path, *a, **k):
+        if isinstance(obj, dict) and obj.get("step") == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(runlog.torch, "save", disk_full_at_step_2)
+    args = run_args("--steps", "2", "--checkpoint-every", "1")
+    with pytest.raises(UserError, match=r"could not write checkpoint .*step_0002: .*--resume .*\(from step_0001\)"):
+        SP.train(SP.parse_args(args), judge=FixedJudge())
+    out = SP.parse_args(args).out
+    assert sorted(p.name for p in (Path(out) / "checkpoints").iterdir()) == ["step_0000", "step_0001"]
+    monkeypatch.setattr(runlog.torch, "save", real_save)
+    _, step, rows = SP.train(SP.parse_args(["--resume", out, "--steps", "2"]), judge=FixedJudge())
+    assert step == 2 and [r["step"] for r in rows] == [1, 2]
 
 
 @pytest.mark.parametrize("flags,message", [
