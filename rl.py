@@ -117,6 +117,12 @@ class MixedPrecisionAdamW:
         # second copy of the state for sqrt(v); fused is 2x faster and 0.2 GB lighter here)
         self.adam = torch.optim.AdamW(self.master, lr=lr, weight_decay=0.0, fused=True)
 
+    @property
+    def steps(self) -> int:
+        """Optimiser steps taken so far, restored with the state when a run resumes."""
+        state = self.adam.state.get(self.master[0])
+        return int(state["step"]) if state else 0
+
     def zero_grad(self):
         for p in self.params:
             p.grad = None

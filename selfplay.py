@@ -67,6 +67,7 @@ class Config:
     temperature: float = arg(0.7, "sampling temperature of both roles during training (paper: 1.0 at 8B; see README)")
     top_p: float = arg(1.0, "nucleus sampling threshold during training")
     sft_coef: float = arg(0.0, "weight of an auxiliary SFT loss on the demos during RL (the paper used 1.0)")
+    pg_coef: float = arg(1.0, "weight of the PPO loss (0 with --sft-coef > 0: the SFT-only control run)")
     warmup_epochs: int = arg(2, "epochs of the supervised warm-up on the demos (0: no warm-up)")
     warmup_demos: int = arg(32, "demos used in the warm-up, split across roles and kinds (0: all)")
     warmup_lr: float = arg(5e-5, "learning rate of the warm-up")
@@ -102,7 +103,9 @@ def check_config(cfg: Config):
     for name in ("lr", "temperature"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name} must be > 0")
-    for name in ("kl_beta", "sft_coef", "warmup_epochs", "warmup_demos", "warmup_lr"):
+    if cfg.pg_coef == 0 and cfg.sft_coef == 0:
+        raise UserError("--pg-coef 0 needs --sft-coef > 0 (nothing would train)")
+    for name in ("kl_beta", "sft_coef", "pg_coef", "warmup_epochs", "warmup_demos", "warmup_lr"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0")
 
@@ -153,6 +156,7 @@ def ppo_update(policy, reference, optimizer, samples, pad_id, cfg: Config, gen, 
 
     Each epoch shuffles the samples into `minibatches` optimiser steps; each minibatch runs in
     micro-batches (rows of the same role prompt together) whose gradients add up to the minibatch's loss.
+    `demos` (with --sft-coef) yields a batch of demonstrations per minibatch for the auxiliary SFT loss.
     """
     times, stats = {}, {}
     device = next(policy.parameters()).device
@@ -190,13 +194,14 @@ def ppo_update(policy, reference, optimizer, samples, pad_id, cfg: Config, gen, 
             logp, gen_mask = experience_logprobs(policy, [samples[i] for i in rows], pad_id, cfg)
             n = gen_mask.shape[1]
             loss, st = rl.ppo_loss(logp, old_logp[rows, :n], advantages[rows, :n], gen_mask, cfg.clip_eps)
-            (loss * len(rows) / n_rows).backward()
+            if cfg.pg_coef:  # 0: the SFT-only control, which still logs what PPO would see
+                (cfg.pg_coef * loss * len(rows) / n_rows).backward()
             for k, v in {**st, "loss": loss.item()}.items():
                 mb_stats[k] = mb_stats.get(k, 0.0) + v * len(rows) / n_rows
         if demos is not None:  # the auxiliary SFT loss keeps the format and benign helpfulness anchored
-            sft = cfg.sft_coef * sft_loss(policy, next(demos), pad_id)
-            sft.backward()
-            mb_stats["sft_loss"] = sft.item() / cfg.sft_coef
+            sft = sft_loss(policy, next(demos), pad_id)
+            (cfg.sft_coef * sft).backward()
+            mb_stats["sft_loss"] = sft.item()
         mb_stats["grad_norm"] = optimizer.step(cfg.grad_clip)
         history.append(mb_stats)
     policy.eval()
@@ -300,7 +305,9 @@ def train(cfg: Config, judge=None):
     reference, _ = load_policy(str(checkpoint_path(out, 0)), device, dtype)
     reference.requires_grad_(False)
     defender = reference if cfg.mode == "attacker_only" else policy
-    demos = sft_batches(demo_experiences(tokenizer, cfg.cot), 4, torch.Generator().manual_seed(cfg.seed)) if cfg.sft_coef else None
+    # one SFT batch per optimiser step: a resumed run skips those already used, so it repeats the uninterrupted one
+    demos = (sft_batches(demo_experiences(tokenizer, cfg.cot), 4, torch.Generator().manual_seed(cfg.seed),
+                         skip=optimizer.steps) if cfg.sft_coef else None)
 
     from tqdm import tqdm
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="self-play", file=sys.stderr)

@@ -51,10 +51,13 @@ def sft_loss(model, demos, pad_id):
     return -rl.masked_mean(logp, mask)
 
 
-def sft_batches(demos, batch_size, gen):
-    """Endless shuffled batches of demos."""
+def sft_batches(demos, batch_size, gen, skip=0):
+    """Endless shuffled batches of demos, after skipping the first `skip` (already used)."""
     while True:
         for rows in torch.randperm(len(demos), generator=gen).split(batch_size):
+            if skip:
+                skip -= 1
+                continue
             yield [demos[i] for i in rows.tolist()]
 
 

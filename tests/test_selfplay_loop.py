@@ -157,9 +157,11 @@ def volatile(row):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_resume_repeats_the_uninterrupted_run(run_args, dtype):
     # bfloat16: the policy computes in bf16 and the checkpoint holds the float32 master weights
-    whole, _, rows = SP.train(SP.parse_args(run_args("--steps", "3", "--checkpoint-every", "1", "--dtype", dtype,
-                                                     out="whole")), judge=FixedJudge())
-    part, _, _ = SP.train(SP.parse_args(run_args("--steps", "1", "--dtype", dtype, out="part")), judge=FixedJudge())
+    # --sft-coef: the resumed run must also pick up the stream of SFT batches where it stopped
+    flags = ("--dtype", dtype, "--sft-coef", "0.5")
+    whole, _, rows = SP.train(SP.parse_args(run_args("--steps", "3", "--checkpoint-every", "1", *flags, out="whole")),
+                              judge=FixedJudge())
+    part, _, _ = SP.train(SP.parse_args(run_args("--steps", "1", *flags, out="part")), judge=FixedJudge())
     with (part / "metrics.jsonl").open("a") as f:  # a step that ran after the checkpoint is redone
         f.write(json.dumps({"step": 2, "reward_defender": 99}) + "\n")
     _, step, resumed = SP.train(SP.parse_args(["--resume", str(part), "--steps", "3"]), judge=FixedJudge())
@@ -176,6 +178,7 @@ def test_resume_repeats_the_uninterrupted_run(run_args, dtype):
     (["--no-cot", "--reward-table", "zero_sum"], True, True),
     (["--sft-coef", "1.0", "--minibatches", "1"], True, True),
     (["--whiten", "role_and_seed"], True, True),
+    (["--sft-coef", "1.0", "--pg-coef", "0"], True, True),
 ])
 def test_each_mode_runs(run_args, flags, attacker, defender):
     out, _, rows = SP.train(SP.parse_args(run_args("--steps", "1", *flags)), judge=FixedJudge())
@@ -223,6 +226,7 @@ def test_a_failed_checkpoint_write_is_one_error_and_leaves_the_last_checkpoint(r
     (["--mode", "both"], "--mode must be one of"),
     (["--whiten", "batch"], "--whiten must be one of"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--pg-coef", "0", "--sft-coef", "0"], "--pg-coef 0 needs --sft-coef > 0"),
     (["--revise-frac", "1.5"], "--revise-frac must be in"),
     (["--seeds-harmful", "/no/such.jsonl"], "no such prompt file"),
     (["--resume", "/no/such/run"], "no config.json"),
