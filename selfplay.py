@@ -56,8 +56,8 @@ class Config:
     lr: float = arg(4e-5, "Adam learning rate of the RL update")
     kl_beta: float = arg(0.01, "beta of the per-token k1 KL penalty against the reference (step_0000)")
     clip_eps: float = arg(0.2, "PPO clip range epsilon")
-    whiten: str = arg("role", "advantage whitening groups: role (as released) | role_and_seed (each role's harmful-seed "
-                              "and benign-seed samples apart, a per-kind baseline)")
+    whiten: str = arg("role_and_seed", "advantage whitening groups: role (as released) | role_and_seed (each role's "
+                                       "harmful-seed and benign-seed samples apart, a per-kind baseline; see README)")
     ppo_epochs: int = arg(1, "passes over each step's samples")
     minibatches: int = arg(2, "optimiser steps per pass (PPO clipping matters from the second)")
     micro_batch_size: int = arg(2, "rows per forward/backward; gradients add up over a minibatch (memory vs speed)")
@@ -66,7 +66,7 @@ class Config:
     defender_max_new_tokens: int = arg(128, "defender turn length cap")
     temperature: float = arg(0.7, "sampling temperature of both roles during training (paper: 1.0 at 8B; see README)")
     top_p: float = arg(1.0, "nucleus sampling threshold during training")
-    sft_coef: float = arg(0.0, "weight of an auxiliary SFT loss on the demos during RL (the paper used 1.0)")
+    sft_coef: float = arg(1.0, "weight of the auxiliary SFT loss on the demos during RL (the paper's 1.0; 0: RL alone)")
     pg_coef: float = arg(1.0, "weight of the PPO loss (0 with --sft-coef > 0: the SFT-only control run)")
     warmup_epochs: int = arg(2, "epochs of the supervised warm-up on the demos (0: no warm-up)")
     warmup_demos: int = arg(32, "demos used in the warm-up, split across roles and kinds (0: all)")
