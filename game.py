@@ -127,12 +127,13 @@ def play_games(policy, defender, tokenizer, judge, seeds, cfg, gen):
     for i, (s, v) in enumerate(zip(seeds, verdicts)):
         labels = to_labels(v)
         j = attack_row.get(i)
+        harmful_seed = s["type"] == "harmful"
         r_att, r_def = game_rewards(s["type"], s["revised"], labels, attack.format_ok[j] if j is not None else True,
                                     defend.format_ok[i], cfg.reward_table, cfg.cot)
         if cfg.mode != "defender_only" and j is not None and r_att is not None:
-            samples.append(rl.Experience(rl.ATTACKER, *turn_tokens(attack, j), r_att, s["type"] == "harmful"))
+            samples.append(rl.Experience(rl.ATTACKER, *turn_tokens(attack, j), r_att, harmful_seed))
         if cfg.mode != "attacker_only" and r_def is not None:
-            samples.append(rl.Experience(rl.DEFENDER, *turn_tokens(defend, i), r_def, s["type"] == "harmful"))
+            samples.append(rl.Experience(rl.DEFENDER, *turn_tokens(defend, i), r_def, harmful_seed))
         games.append({
             "seed": s["seed"], "type": ("generated_" if s["revised"] else "vanilla_") + s["type"],
             "attacker_thinking": attack.thinking[j] if j is not None else None,
