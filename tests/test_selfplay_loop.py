@@ -62,6 +62,24 @@ def test_micro_batches_keep_rows_with_a_long_shared_prompt_prefix_together():
     assert sorted(map(sorted, groups)) == [[0, 2], [1, 4], [3, 5], [6]]  # never role_a with role_b
 
 
+def test_the_sft_loss_in_micro_batches_has_the_whole_batchs_loss_and_gradient():
+    """sft_backward weights each micro-batch by its share of target tokens: same loss, same gradient
+    as one pass over the batch (float32), with demos of two role prompts and different lengths."""
+    tokenizer = make_tokenizer()
+    ids = lambda text: torch.tensor(tokenizer(text)["input_ids"])
+    roles = ["You rewrite requests for a red-teaming game. " * 4, "You are a helpful and safe assistant. " * 4]
+    demos = [SP.rl.Experience(k % 2, ids(roles[k % 2] + f"Request {k}?"), ids(" Sure." * (k + 1) + " Done."), 0.0)
+             for k in range(5)]
+    whole, split = make_model(tokenizer), make_model(tokenizer)
+    cfg = SP.Config(micro_batch_size=2, sft_coef=0.5)
+    expected = SP.sft_loss(whole, demos, tokenizer.pad_token_id)
+    (cfg.sft_coef * expected).backward()
+    loss = SP.sft_backward(split, demos, tokenizer.pad_token_id, cfg)
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    for (name, a), b in zip(whole.named_parameters(), split.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("whiten", ["role", "role_and_seed"])
 def test_an_update_makes_rewarded_turns_likelier_and_punished_ones_rarer(whiten):
     """The whole update path (micro-batches sorted by prompt, old and reference log-probs,
