@@ -89,7 +89,7 @@ def warmup_key(cfg) -> str:
     """Everything the warm-up's result depends on: the model, the demos and the settings."""
     h = hashlib.sha1()
     source = resolve_policy_path(cfg.model)
-    h.update(f"v3|{source}|{cfg.cot}|{cfg.warmup_epochs}|{cfg.warmup_demos}|{cfg.warmup_lr}|{cfg.grad_clip}|"
+    h.update(f"v4|{source}|{cfg.cot}|{cfg.warmup_epochs}|{cfg.warmup_demos}|{cfg.warmup_lr}|{cfg.grad_clip}|"
              f"{cfg.seed}|{cfg.dtype}".encode())
     for f in sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []:
         h.update(f"{f.name}|{f.stat().st_size}|{f.stat().st_mtime_ns}".encode())

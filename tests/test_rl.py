@@ -74,7 +74,7 @@ def test_ppo_loss_clips():
     assert stats["approx_kl"] > 0
 
 
-def test_mixed_precision_adamw_clips_and_steps_like_plain_adamw():
+def test_mixed_precision_adamw_clips_and_steps_like_plain_adamw_with_the_papers_betas():
     torch.manual_seed(0)
     start = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(3)]).to(torch.bfloat16).float()
     # two steps of bf16 gradients: the first far above the clip, the second below it (Adam's first
@@ -83,7 +83,7 @@ def test_mixed_precision_adamw_clips_and_steps_like_plain_adamw():
     expected_norms = [torch.linalg.vector_norm(torch.cat([g.float().flatten() for g in gs])).item() for gs in steps]
 
     masters = [p.detach().clone().requires_grad_() for p in start.parameters()]  # the same by hand, float32
-    adam = torch.optim.AdamW(masters, lr=0.1, weight_decay=0.0)
+    adam = torch.optim.AdamW(masters, lr=0.1, betas=(0.9, 0.95), weight_decay=0.0)  # the paper's Adam
     for gs in steps:
         for m, g in zip(masters, gs):
             m.grad = g.float()
