@@ -89,6 +89,7 @@ def warmup_key(cfg) -> str:
     """Everything the warm-up's result depends on: the model, the demos and the settings."""
     h = hashlib.sha1()
     source = resolve_policy_path(cfg.model)
+    # the leading version changes with the warm-up's code (v4: AdamW with the released betas)
     h.update(f"v4|{source}|{cfg.cot}|{cfg.warmup_epochs}|{cfg.warmup_demos}|{cfg.warmup_lr}|{cfg.grad_clip}|"
              f"{cfg.seed}|{cfg.dtype}".encode())
     for f in sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []:
