@@ -2,7 +2,8 @@
 
   game_rewards   the reward table (general_sum as released, or zero_sum) for one game's labels
   draw_seeds     half harmful, half benign; about half of each revised by the attacker
-  play_games     attacker turn -> strip CoT -> defender turn -> strip CoT -> judge -> rewards
+  play_games     attacker turns -> strip CoT -> defender turns -> strip CoT -> judge -> rewards
+                 (each seed revised k_a times, each prompt answered k_d times: the rollout tree)
 selfplay.py runs these in its training loop; `cfg` is its Config.
 """
 import time
@@ -98,51 +99,68 @@ def turn_tokens(turn, i):
 
 
 def play_games(policy, defender, tokenizer, judge, seeds, cfg, gen):
-    """Play one batch of games. Returns (games for games.jsonl, training samples, timings)."""
+    """Play one batch of games: the rollout tree seed -> revisions -> answers, judged answer by answer.
+
+    Each revised seed is rewritten cfg.group_attacker (k_a) times; each revision, and each vanilla
+    seed, is answered cfg.group_defender (k_d) times; each answer is one game. A defender sample's
+    `group` is its prompt (the k_d answers of one prompt), an attacker sample's is its seed (the k_a
+    revisions of one seed); a revision's reward is the mean over its answers that are not ties.
+    Returns (games for games.jsonl, training samples, timings).
+    """
     times = {}
+    k_a, k_d = cfg.group_attacker, cfg.group_defender
     sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, generator=gen, cot=cfg.cot)
-    revised = [i for i, s in enumerate(seeds) if s["revised"]]
+    revisions = [i for i, s in enumerate(seeds) if s["revised"] for _ in range(k_a)]  # row j of attack: its seed
     t0 = time.time()
     attack = None
-    if revised:
+    if revisions:
         prompts = [render_prompt(tokenizer, attacker_messages(seeds[i]["seed"], seeds[i]["type"], cfg.cot), cfg.cot)
-                   for i in revised]
+                   for i in revisions]
         attack = play_turn(policy, tokenizer, prompts, cfg.attacker_max_new_tokens, **sampling)
     times["t_attacker"] = time.time() - t0
-    queries = [s["seed"] for s in seeds]
-    for j, i in enumerate(revised):
-        queries[i] = attack.answers[j]
+    queries = []  # the defender's prompts, in seed order: (seed, attack row or None for a vanilla seed, query)
+    for i, s in enumerate(seeds):
+        rows = [j for j, seed in enumerate(revisions) if seed == i] if s["revised"] else [None]
+        queries += [(i, j, s["seed"] if j is None else attack.answers[j]) for j in rows]
+    answers = [q for q in range(len(queries)) for _ in range(k_d)]  # row of defend: its prompt
 
     t0 = time.time()
-    prompts = [render_prompt(tokenizer, defender_messages(q, cfg.cot), cfg.cot) for q in queries]
-    defend = play_turn(defender, tokenizer, prompts, cfg.defender_max_new_tokens, **sampling)
+    prompts = [render_prompt(tokenizer, defender_messages(query, cfg.cot), cfg.cot) for _, _, query in queries]
+    defend = play_turn(defender, tokenizer, [prompts[q] for q in answers], cfg.defender_max_new_tokens, **sampling)
     times["t_defender"] = time.time() - t0
 
     t0 = time.time()
-    verdicts = judge(queries, defend.answers)
+    verdicts = judge([queries[q][2] for q in answers], defend.answers)
     times["t_judge"] = time.time() - t0
 
     games, samples = [], []
-    attack_row = {i: j for j, i in enumerate(revised)}
-    for i, (s, v) in enumerate(zip(seeds, verdicts)):
-        labels = to_labels(v)
-        j = attack_row.get(i)
-        harmful_seed = s["type"] == "harmful"
-        r_att, r_def = game_rewards(s["type"], s["revised"], labels, attack.format_ok[j] if j is not None else True,
-                                    defend.format_ok[i], cfg.reward_table, cfg.cot)
-        if cfg.mode != "defender_only" and j is not None and r_att is not None:
-            samples.append(rl.Experience(rl.ATTACKER, *turn_tokens(attack, j), r_att, harmful_seed))
-        if cfg.mode != "attacker_only" and r_def is not None:
-            samples.append(rl.Experience(rl.DEFENDER, *turn_tokens(defend, i), r_def, harmful_seed))
-        games.append({
-            "seed": s["seed"], "type": ("generated_" if s["revised"] else "vanilla_") + s["type"],
-            "attacker_thinking": attack.thinking[j] if j is not None else None,
-            "attacker_answer": attack.answers[j] if j is not None else None,
-            "attacker_format_ok": attack.format_ok[j] if j is not None else None,
-            "defender_thinking": defend.thinking[i], "defender_answer": defend.answers[i],
-            "defender_format_ok": defend.format_ok[i],
-            "verdict": {k: None if x is None else round(x, 4) for k, x in v.items()}, "labels": labels,
-            "reward_attacker": r_att, "reward_defender": r_def})
+    for q, (i, j, query) in enumerate(queries):
+        s = seeds[i]
+        rows = [a for a, prompt in enumerate(answers) if prompt == q]
+        defender_samples, attacker_rewards = [], []
+        for a in rows:
+            labels = to_labels(verdicts[a])
+            r_att, r_def = game_rewards(s["type"], j is not None, labels, attack.format_ok[j] if j is not None else True,
+                                        defend.format_ok[a], cfg.reward_table, cfg.cot)
+            if r_att is not None:
+                attacker_rewards.append(r_att)
+            if cfg.mode != "attacker_only" and r_def is not None:  # the refusal reward is scored against the judged label
+                defender_samples.append(rl.Experience(rl.DEFENDER, *turn_tokens(defend, a), r_def,
+                                                      harmful_prompt=labels["prompt"] == "harmful", group=q))
+            games.append({
+                "seed": s["seed"], "type": ("generated_" if j is not None else "vanilla_") + s["type"],
+                "seed_index": i, "revision_index": None if j is None else j - revisions.index(i),  # a seed's rows are consecutive
+                "attacker_thinking": attack.thinking[j] if j is not None else None,
+                "attacker_answer": attack.answers[j] if j is not None else None,
+                "attacker_format_ok": attack.format_ok[j] if j is not None else None,
+                "defender_thinking": defend.thinking[a], "defender_answer": defend.answers[a],
+                "defender_format_ok": defend.format_ok[a],
+                "verdict": {k: None if x is None else round(x, 4) for k, x in verdicts[a].items()}, "labels": labels,
+                "reward_attacker": r_att, "reward_defender": r_def})
+        if cfg.mode != "defender_only" and j is not None and attacker_rewards:  # all ties: nothing to learn from
+            samples.append(rl.Experience(rl.ATTACKER, *turn_tokens(attack, j), sum(attacker_rewards) / len(attacker_rewards),
+                                         harmful_prompt=s["type"] == "harmful", group=i))
+        samples += defender_samples
     n_tokens = int(defend.sample.mask.sum()) + (int(attack.sample.mask.sum()) if attack else 0)
     times["tokens_per_s"] = n_tokens / max(times["t_attacker"] + times["t_defender"], 1e-9)
     return games, samples, times

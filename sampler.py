@@ -2,7 +2,7 @@
 
   sample             left-padded prompts -> new tokens, their mask and their log-probs
   sequence_logprobs  log-probs of given tokens with gradients, chunked over the vocabulary
-  sampling_logprobs  the one place that turns logits into the distribution we sample from
+  sampling_logprobs  the one place that turns logits into log-probs (full softmax of logits / T)
 
 Tricks, each explained where it lives: position ids from the attention mask (left padding),
 an in-place KV buffer per layer, the shared prompt prefix prefilled once, finished rows dropped
@@ -16,35 +16,42 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 
 
-def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Log-probs (float32) of the distribution we sample from: logits / T, cut to the top-p nucleus.
+def sampling_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probs (float32) of the full temperature-scaled softmax, log_softmax(logits / T).
 
-    Both the sampler and `sequence_logprobs` go through here, so the log-probs the sampler
-    returns and those the PPO update recomputes come from the same distribution.
+    The one place that turns logits into the log-probs the PPO update and the KL penalty use; the
+    sampler reports the same numbers for the tokens it draws. A top-p nucleus is only a sampling
+    detail (`nucleus`): log-probs taken inside each model's own nucleus give the tokens outside it
+    -inf, so a token the policy sampled outside the reference's nucleus made the KL infinite.
     Greedy (T == 0) has no proper distribution: we report the plain softmax (T = 1).
     """
     logits = logits.float()
-    if temperature > 0:
-        logits = logits / temperature
-        if top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            probs = sorted_logits.softmax(-1)
-            # drop a token when the tokens ranked above it already hold top_p of the mass
-            drop = probs.cumsum(-1) - probs >= top_p
-            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits.log_softmax(-1)
+    return (logits / temperature if temperature > 0 else logits).log_softmax(-1)
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(batch, vocab) probabilities with the tokens outside the top-p nucleus set to 0 (not renormalised)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # drop a token when the tokens ranked above it already hold top_p of the mass
+    drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    return probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
 
 
 def sample_next_token(logits, temperature, top_p, generator=None):
-    """(batch, vocab) logits -> (batch,) token ids and their log-probs."""
-    logp = sampling_logprobs(logits, temperature, top_p)
+    """(batch, vocab) logits -> (batch,) token ids drawn from the top-p nucleus of softmax(logits / T),
+    and their log-probs under the full softmax (sampling_logprobs)."""
+    logp = sampling_logprobs(logits, temperature)
     if temperature == 0:
         token = logp.argmax(-1)
     else:
         # inverse-CDF sampling: one uniform number per row. torch.multinomial draws one random
         # number per vocabulary entry (49k), which costs ~8 ms a step at batch 8 on a CPU.
-        cdf = logp.exp().double().cumsum(-1)  # (batch, vocab); zero-probability tokens add nothing
-        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=torch.float64)
+        cdf = nucleus(logp.exp(), top_p).double().cumsum(-1)  # (batch, vocab); dropped tokens add nothing
+        # drawn on the generator's own device, then moved: CUDA refuses a CPU generator
+        u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64,
+                       device=generator.device if generator is not None else cdf.device).to(cdf.device)
         token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp(max=cdf.shape[1] - 1)
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
@@ -97,7 +104,7 @@ class KVBuffer(DynamicLayer):
 class Sample:
     tokens: torch.Tensor    # (batch, new) sampled ids; after a row's EOS: pad
     mask: torch.Tensor      # (batch, new) 1 for real tokens (the EOS included), 0 after it
-    logprobs: torch.Tensor  # (batch, new) float32 log-prob of each token under its sampling distribution
+    logprobs: torch.Tensor  # (batch, new) float32 log-prob of each token, full softmax of logits / T
 
 
 def shared_prefix_length(input_ids, attention_mask) -> int:
@@ -197,18 +204,18 @@ def sample(model, input_ids, attention_mask, max_new_tokens, temperature=1.0, to
                             use_cache=False, logits_to_keep=1)
         n = int(lengths.max())
         new_mask = torch.arange(n, device=device)[None, :] < lengths[:, None]
-        return Sample(tokens[:, :n], new_mask.long(), logprobs[:, :n] * new_mask)
+        return Sample(tokens[:, :n], new_mask.long(), logprobs[:, :n].masked_fill(~new_mask, 0.0))
     finally:
         model.train(was_training)
 
 
-def _token_logprobs(lm_head, hidden, tokens, temperature, top_p):
+def _token_logprobs(lm_head, hidden, tokens, temperature):
     """hidden (b, n, H) -> log-prob (b, n) of `tokens`: the only place full (b, n, vocab) logits exist."""
-    logp = sampling_logprobs(lm_head(hidden), temperature, top_p)
+    logp = sampling_logprobs(lm_head(hidden), temperature)
     return logp.gather(-1, tokens[..., None]).squeeze(-1)
 
 
-def sequence_logprobs(model, input_ids, attention_mask, n_new, temperature=1.0, top_p=1.0, chunk_rows=4,
+def sequence_logprobs(model, input_ids, attention_mask, n_new, temperature=1.0, chunk_rows=4,
                       prefix_ids=None):
     """Per-token log-probs (batch, n_new) of the last `n_new` tokens of each row.
 
@@ -240,9 +247,9 @@ def sequence_logprobs(model, input_ids, attention_mask, n_new, temperature=1.0, 
     for i in range(0, input_ids.shape[0], chunk_rows):
         h, y = hidden[i:i + chunk_rows], targets[i:i + chunk_rows]
         if torch.is_grad_enabled():
-            parts.append(checkpoint(_token_logprobs, lm_head, h, y, temperature, top_p, use_reentrant=False))
+            parts.append(checkpoint(_token_logprobs, lm_head, h, y, temperature, use_reentrant=False))
         else:
-            parts.append(_token_logprobs(lm_head, h, y, temperature, top_p))
+            parts.append(_token_logprobs(lm_head, h, y, temperature))
     return torch.cat(parts, dim=0)
 
 
@@ -271,13 +278,13 @@ def common_prefix_length(prompts) -> int:
     return int(differs.nonzero()[0]) if differs.any() else n
 
 
-def generation_logprobs(model, prompts, generations, pad_id, temperature=1.0, top_p=1.0, min_shared=16):
+def generation_logprobs(model, prompts, generations, pad_id, temperature=1.0, min_shared=16):
     """Log-probs (batch, longest generation), float32, of each generation given its prompt, and
     the generation mask, both on the model's device. A shared prompt prefix runs once."""
     device = next(model.parameters()).device
     K = common_prefix_length(prompts)
     K = K if K >= min_shared else 0
     ids, mask, gen_mask = pack([p[K:] for p in prompts], generations, pad_id)
-    logp = sequence_logprobs(model, ids.to(device), mask.to(device), gen_mask.shape[1], temperature, top_p,
+    logp = sequence_logprobs(model, ids.to(device), mask.to(device), gen_mask.shape[1], temperature,
                              prefix_ids=prompts[0][:K].to(device) if K else None)
     return logp.float(), gen_mask.to(device).float()

@@ -3,7 +3,7 @@
 Read top to bottom:
   Config              every setting, each a command-line flag (`python selfplay.py --help`)
   game.py             the reward table, the seeds, one batch of games (attacker, defender, judge)
-  ppo_update          reference and old log-probs, KL-shaped returns, per-role whitening, PPO
+  update.py           reference and old log-probs, advantages (whitening per role, or RLOO over groups), PPO
   prepare_run         the warm-up (warmup.py) that becomes checkpoints/step_0000, or a resumed checkpoint
   train               the loop: metrics.jsonl, games.jsonl, checkpoints, resume, Ctrl-C, curves.png
 The RL maths is in rl.py, the sampler in sampler.py, the role prompts in model.py, the run
@@ -29,8 +29,8 @@ from model import (UserError, cache_dir, cpu_has_bf16, default_device, exit_on_u
                    resolve_policy_path)
 from runlog import (append_jsonl, checkpoint_path, game_metrics, keep_steps, last_checkpoint, mean, plot_curves,
                     progress_summary, read_jsonl_lines, save_checkpoint)
-from sampler import common_prefix_length, generation_logprobs
-from warmup import demo_experiences, sft_batches, sft_loss, warm_up, warmup_key
+from update import ppo_update
+from warmup import demo_experiences, sft_batches, warm_up, warmup_key
 
 
 def arg(default, help):
@@ -39,7 +39,8 @@ def arg(default, help):
 
 @dataclass
 class Config:
-    """Every setting of a run. Each field is a flag: `steps` is --steps, `cot=False` is --no-cot."""
+    """Every setting of a run. Each field is a flag: `steps` is --steps, `cot=False` is --no-cot,
+    `shuffle_rewards=True` is --shuffle-rewards."""
     steps: int = arg(20, "RL steps; each is one batch of games and one update")
     batch_size: int = arg(16, "seeds per step, half harmful and half benign")
     revise_frac: float = arg(0.5, "share of each kind of seed the attacker rewrites (the rest go straight to the defender)")
@@ -56,8 +57,16 @@ class Config:
     lr: float = arg(4e-5, "Adam learning rate of the RL update")
     kl_beta: float = arg(0.01, "beta of the per-token k1 KL penalty against the reference (step_0000)")
     clip_eps: float = arg(0.2, "PPO clip range epsilon")
-    whiten: str = arg("role_and_seed", "advantage whitening groups: role (as released) | role_and_seed (each role's "
-                                       "harmful-seed and benign-seed samples apart, a per-kind baseline; see README)")
+    whiten: str = arg("role_and_seed", "game-reward whitening groups (with group sizes of 1): role (as released) | "
+                                       "role_and_seed (each role's harmful and benign prompts apart, a per-kind baseline: "
+                                       "the attacker's by its seed's type, the defender's by the judge's label of its prompt)")
+    group_defender: int = arg(1, "answers per defender prompt (k_d); > 1: RLOO, each answer's reward against the mean "
+                                 "of the other answers of its prompt. Cost: a step plays k_d defender turns per prompt")
+    group_attacker: int = arg(1, "revisions per revised seed (k_a), each answered k_d times; > 1: RLOO over the seed's "
+                                 "revisions. Cost: --batch-size still counts seeds, so a step plays about "
+                                 "batch_size * (revise_frac * k_a + 1 - revise_frac) * k_d defender turns")
+    shuffle_rewards: bool = arg(False, "permute each role's game rewards among its samples before the update: the "
+                                       "same update noise with no information (a control arm)")
     ppo_epochs: int = arg(1, "passes over each step's samples")
     minibatches: int = arg(2, "optimiser steps per pass (PPO clipping matters from the second)")
     micro_batch_size: int = arg(2, "rows per forward/backward; gradients add up over a minibatch (memory vs speed)")
@@ -66,7 +75,8 @@ class Config:
     defender_max_new_tokens: int = arg(128, "defender turn length cap")
     temperature: float = arg(0.7, "sampling temperature of both roles during training (paper: 1.0 at 8B; see README)")
     top_p: float = arg(1.0, "nucleus sampling threshold during training")
-    sft_coef: float = arg(1.0, "weight of the auxiliary SFT loss on the demos during RL (the paper's 1.0; 0: RL alone)")
+    sft_coef: float = arg(1.0, "weight of the auxiliary SFT loss on the helpful demos (benign defender demos, as "
+                               "released: a helpfulness anchor) during RL (the paper's 1.0; 0: RL alone)")
     pg_coef: float = arg(1.0, "weight of the PPO loss (0 with --sft-coef > 0: the SFT-only control run)")
     warmup_epochs: int = arg(2, "epochs of the supervised warm-up on the demos (0: no warm-up)")
     warmup_demos: int = arg(32, "demos used in the warm-up, split across roles and kinds (0: all)")
@@ -92,7 +102,7 @@ def check_config(cfg: Config):
     if cfg.device not in ("auto", "cpu") and not (cfg.device.startswith("cuda") and torch.cuda.is_available()):
         raise UserError(f"--device {cfg.device}: use auto or cpu" + ("" if torch.cuda.is_available() else " (no CUDA here)"))
     for name in ("steps", "batch_size", "ppo_epochs", "minibatches", "micro_batch_size", "attacker_max_new_tokens",
-                 "defender_max_new_tokens", "checkpoint_every"):
+                 "defender_max_new_tokens", "checkpoint_every", "group_defender", "group_attacker"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     if cfg.batch_size < 2:
@@ -103,129 +113,13 @@ def check_config(cfg: Config):
     for name in ("lr", "temperature"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name} must be > 0")
+    if cfg.group_attacker > 1 and cfg.mode == "defender_only":
+        raise UserError("--group-attacker > 1 needs an attacker: not with --mode defender_only")
     if cfg.pg_coef == 0 and cfg.sft_coef == 0:
         raise UserError("--pg-coef 0 needs --sft-coef > 0 (nothing would train)")
     for name in ("kl_beta", "sft_coef", "pg_coef", "warmup_epochs", "warmup_demos", "warmup_lr"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0")
-
-
-# ----------------------------------------------------------------------------------------------
-# The update
-
-
-def experience_logprobs(model, samples, pad_id, cfg: Config):
-    """Log-probs (batch, longest generation) of each sample's tokens under the sampling distribution."""
-    return generation_logprobs(model, [s.prompt for s in samples], [s.tokens for s in samples], pad_id,
-                               cfg.temperature, cfg.top_p)
-
-
-def micro_batches(samples, rows, size, min_shared=64):
-    """`rows` cut into groups of at most `size` (bounded memory) whose prompts share a prefix.
-
-    Sorting by prompt puts rows of the same role prompt together; a group is closed early when the
-    next prompt shares fewer than `min_shared` tokens with it (attacker-harmful vs attacker-benign vs
-    defender), so the long shared part of each group runs once (sampler.generation_logprobs).
-    """
-    groups = []
-    for i in sorted(rows, key=lambda i: (samples[i].prompt.tolist(), i)):
-        if (groups and len(groups[-1]) < size
-                and common_prefix_length([samples[groups[-1][0]].prompt, samples[i].prompt]) >= min_shared):
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
-
-
-@torch.no_grad()
-def batch_logprobs(model, samples, micros, pad_id, cfg):
-    """experience_logprobs of every sample, one micro-batch at a time, as one (S, N) tensor.
-
-    The old log-probs use the micro-batches of the update's first pass (bf16 sums depend on the
-    batch shape), so each row is packed the same way and the first ratio is exactly 1.
-    """
-    out = torch.zeros(len(samples), max(len(s.tokens) for s in samples), device=next(model.parameters()).device)
-    for rows in micros:
-        logp, _ = experience_logprobs(model, [samples[i] for i in rows], pad_id, cfg)
-        out[rows, :logp.shape[1]] = logp
-    return out
-
-
-def ppo_update(policy, reference, optimizer, samples, pad_id, cfg: Config, gen, demos=None):
-    """REINFORCE++ with the PPO clip on the attacker and defender samples of one step, together.
-
-    Each epoch shuffles the samples into `minibatches` optimiser steps; each minibatch runs in
-    micro-batches (rows of the same role prompt together) whose gradients add up to the minibatch's loss.
-    `demos` (with --sft-coef) yields a batch of demonstrations per minibatch for the auxiliary SFT loss.
-    """
-    times, stats = {}, {}
-    device = next(policy.parameters()).device
-    epochs = [[micro_batches(samples, rows.tolist(), cfg.micro_batch_size)
-               for rows in torch.randperm(len(samples), generator=gen).chunk(cfg.minibatches)]
-              for _ in range(cfg.ppo_epochs)]
-    first_pass = [micro for minibatch in epochs[0] for micro in minibatch]
-    t0 = time.time()
-    ref_logp = batch_logprobs(reference, samples, first_pass, pad_id, cfg)
-    times["t_reference"] = time.time() - t0
-    t0 = time.time()
-    old_logp = batch_logprobs(policy, samples, first_pass, pad_id, cfg)  # the policy before this update
-    times["t_old_logprobs"] = time.time() - t0
-
-    t0 = time.time()
-    mask = torch.zeros_like(old_logp)
-    for i, s in enumerate(samples):
-        mask[i, :len(s.tokens)] = 1
-    group = torch.tensor([s.role for s in samples], device=device)  # the whitening groups
-    if cfg.whiten == "role_and_seed":  # 4 groups: (attacker, defender) x (benign, harmful seed)
-        group = group * 2 + torch.tensor([int(s.harmful_seed) for s in samples], device=device)
-    reward = torch.tensor([s.reward for s in samples], device=device)
-    token_rewards, kl = rl.kl_shaped_rewards(old_logp, ref_logp, mask, reward, cfg.kl_beta)
-    advantages = rl.whiten_per_role(rl.returns_to_go(token_rewards, mask), mask, group)
-    stats["kl"] = rl.masked_mean(kl, mask).item()
-    stats["entropy"] = -rl.masked_mean(old_logp, mask).item()  # a sampled token's -log p estimates the entropy
-
-    policy.train()
-    history = []
-    for minibatch in (mb for epoch in epochs for mb in epoch):
-        n_rows = sum(map(len, minibatch))
-        optimizer.zero_grad()
-        mb_stats = {}
-        for rows in minibatch:  # the minibatch loss is a mean over its sequences: weight each micro-batch by its share
-            logp, gen_mask = experience_logprobs(policy, [samples[i] for i in rows], pad_id, cfg)
-            n = gen_mask.shape[1]
-            loss, st = rl.ppo_loss(logp, old_logp[rows, :n], advantages[rows, :n], gen_mask, cfg.clip_eps)
-            if cfg.pg_coef:  # 0: the SFT-only control, which still logs what PPO would see
-                (cfg.pg_coef * loss * len(rows) / n_rows).backward()
-            for k, v in {**st, "loss": loss.item()}.items():
-                mb_stats[k] = mb_stats.get(k, 0.0) + v * len(rows) / n_rows
-        if demos is not None:  # the auxiliary SFT loss keeps the format and benign helpfulness anchored
-            mb_stats["sft_loss"] = sft_backward(policy, next(demos), pad_id, cfg)
-        mb_stats["grad_norm"] = optimizer.step(cfg.grad_clip)
-        history.append(mb_stats)
-    policy.eval()
-    times["t_update"] = time.time() - t0
-    for key in history[0]:
-        stats[key] = sum(h[key] for h in history) / len(history)
-    stats["first_ratio"] = history[0]["ratio_mean"]  # exactly 1: the first minibatch sees the old policy
-    return stats, times
-
-
-def sft_backward(policy, demos, pad_id, cfg: Config) -> float:
-    """Backward of sft_coef x the SFT loss (mean NLL over all the batch's target tokens); returns the loss.
-
-    It runs in micro-batches like the PPO loss (same-role demos together, so their role prompt runs
-    once), each weighted by its share of the target tokens: the gradient is the whole batch's, but
-    only one micro-batch's activations are alive (4 long demos at once took ~1.3 GB).
-    """
-    n_tokens = sum(len(d.tokens) for d in demos)
-    total = 0.0
-    for rows in micro_batches(demos, range(len(demos)), cfg.micro_batch_size):
-        part = [demos[i] for i in rows]
-        share = sum(len(d.tokens) for d in part) / n_tokens
-        loss = sft_loss(policy, part, pad_id)
-        (cfg.sft_coef * share * loss).backward()
-        total += share * loss.item()
-    return total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,8 +216,8 @@ def train(cfg: Config, judge=None):
     reference.requires_grad_(False)
     defender = reference if cfg.mode == "attacker_only" else policy
     # one SFT batch per optimiser step: a resumed run skips those already used, so it repeats the uninterrupted one
-    demos = (sft_batches(demo_experiences(tokenizer, cfg.cot), 4, torch.Generator().manual_seed(cfg.seed),
-                         skip=optimizer.steps) if cfg.sft_coef else None)
+    demos = (sft_batches(demo_experiences(tokenizer, cfg.cot, helpful_only=True), 4,
+                         torch.Generator().manual_seed(cfg.seed), skip=optimizer.steps) if cfg.sft_coef else None)
 
     from tqdm import tqdm
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc="self-play", file=sys.stderr)
@@ -363,8 +257,10 @@ def parse_args(argv=None) -> Config:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
+        if (f.type is bool or f.type == "bool") and f.default:
             p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=f.metadata["help"])
+        elif f.type is bool or f.type == "bool":
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
             p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
     return Config(**vars(p.parse_args(argv)))

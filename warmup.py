@@ -23,9 +23,11 @@ from sampler import generation_logprobs
 DEMOS = Path(__file__).resolve().parent / "data" / "demos"
 
 
-def demo_experiences(tokenizer, cot=True, n=0) -> list[rl.Experience]:
+def demo_experiences(tokenizer, cot=True, n=0, helpful_only=False) -> list[rl.Experience]:
     """Demos as (rendered role prompt, target turn). n > 0 takes about n, balanced over the four
-    (role, seed kind) groups, in file order; n = 0 takes all."""
+    (role, seed kind) groups, in file order; n = 0 takes all. helpful_only: the defender's answers
+    to benign requests only, the released code's auxiliary SFT loss during RL (a helpfulness anchor;
+    the warm-up takes all demos, refusals and the attacker's turns too)."""
     def target(d):  # the prompt ends with the pre-filled "<think> ", so the target continues it
         return (f"{d['thinking']} </think> <answer> {d['answer']} </answer>" if cot else d["answer"]) + tokenizer.eos_token
 
@@ -39,6 +41,8 @@ def demo_experiences(tokenizer, cot=True, n=0) -> list[rl.Experience]:
     for d in map(json.loads, (DEMOS / "attacker.jsonl").read_text().splitlines()):
         groups.setdefault(("attacker", d["seed_type"]), []).append(
             (rl.ATTACKER, render_prompt(tokenizer, attacker_messages(d["seed"], d["seed_type"], cot), cot), target(d)))
+    if helpful_only:
+        groups = {("defender", "benign"): groups[("defender", "benign")]}
     picked = []
     for rows in groups.values():
         picked += rows[:-(-n // len(groups))] if n else rows
@@ -89,8 +93,9 @@ def warmup_key(cfg) -> str:
     """Everything the warm-up's result depends on: the model, the demos and the settings."""
     h = hashlib.sha1()
     source = resolve_policy_path(cfg.model)
-    # the leading version changes with the warm-up's code (v4: AdamW with the released betas)
-    h.update(f"v4|{source}|{cfg.cot}|{cfg.warmup_epochs}|{cfg.warmup_demos}|{cfg.warmup_lr}|{cfg.grad_clip}|"
+    # the leading version changes with the warm-up's code (v4: AdamW with the released betas; v5: the
+    # defender prompt without a safety instruction, gradients summed in float32)
+    h.update(f"v5|{source}|{cfg.cot}|{cfg.warmup_epochs}|{cfg.warmup_demos}|{cfg.warmup_lr}|{cfg.grad_clip}|"
              f"{cfg.seed}|{cfg.dtype}".encode())
     for f in sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []:
         h.update(f"{f.name}|{f.stat().st_size}|{f.stat().st_mtime_ns}".encode())

@@ -90,14 +90,15 @@ def test_left_padding_gives_the_same_tokens_as_the_prompt_alone(tiny):
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
 def test_sampled_logprobs_equal_sequence_logprobs(tiny, temperature, top_p):
-    """What the PPO update recomputes must match what the sampler saw: the first ratio is 1."""
+    """What the PPO update recomputes must match what the sampler saw: the first ratio is 1. With
+    top-p too: both are the full softmax of logits / T (the nucleus only decides what is drawn)."""
     model, tok = tiny
     ids, mask = defender_batch(tok)
     s = S.sample(model, ids, mask, 10, temperature, top_p, eos_token_id=tok.eos_token_id,
                  pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(1))
     full_ids, full_mask = torch.cat([ids, s.tokens], 1), torch.cat([mask, s.mask], 1)
     with torch.no_grad():
-        recomputed = S.sequence_logprobs(model, full_ids, full_mask, s.tokens.shape[1], temperature, top_p)
+        recomputed = S.sequence_logprobs(model, full_ids, full_mask, s.tokens.shape[1], temperature)
     torch.testing.assert_close(recomputed * s.mask, s.logprobs, atol=1e-4, rtol=0)
     assert bool((s.logprobs[s.mask.bool()] > -float("inf")).all())
 
@@ -116,11 +117,14 @@ def test_sequence_logprobs_equals_full_log_softmax_and_has_gradients(tiny):
     model.zero_grad(set_to_none=True)
 
 
-def test_top_p_keeps_the_smallest_nucleus():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    logp = S.sampling_logprobs(logits, 1.0, 0.8)
-    assert torch.isinf(logp[0, 2:]).all()  # 0.5 + 0.3 already reach 0.8
-    torch.testing.assert_close(logp[0, :2].exp(), torch.tensor([0.625, 0.375]))
+def test_top_p_keeps_the_smallest_nucleus_for_sampling_only():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = S.nucleus(probs, 0.8)
+    torch.testing.assert_close(kept, torch.tensor([[0.5, 0.3, 0.0, 0.0]]))  # 0.5 + 0.3 already reach 0.8
+    tokens = {S.sample_next_token(probs.log(), 1.0, 0.8, torch.Generator().manual_seed(k))[0].item() for k in range(50)}
+    assert tokens == {0, 1}
+    # the log-probs the update uses come from the full softmax: finite for every token
+    torch.testing.assert_close(S.sampling_logprobs(probs.log(), 1.0).exp(), probs)
 
 
 def test_seeded_sampling_is_reproducible(tiny):
@@ -243,3 +247,18 @@ def test_sampling_follows_the_distribution():
     torch.testing.assert_close(logp, probs.log()[token])
     token, _ = S.sample_next_token(logits, 1.0, 0.8, g)
     assert set(token.tolist()) == {0, 1}
+
+
+def test_sampling_draws_on_the_generators_device(monkeypatch):
+    """A CPU generator with logits on another device (CUDA in a run; `meta` here, with torch.rand as
+    strict as CUDA's, which refuses a generator of another device): draw on the generator's device, then move."""
+    real_rand = torch.rand
+
+    def strict_rand(*size, generator=None, device=None, **kwargs):
+        if generator is not None and torch.device(device or "cpu").type != generator.device.type:
+            raise RuntimeError(f"Expected a '{torch.device(device).type}' device type for generator but found 'cpu'")
+        return real_rand(*size, generator=generator, device=device, **kwargs)
+
+    monkeypatch.setattr(torch, "rand", strict_rand)
+    token, logp = S.sample_next_token(torch.randn(2, 10, device="meta"), 1.0, 0.9, torch.Generator().manual_seed(0))
+    assert token.device.type == "meta" and logp.device.type == "meta" and token.shape == (2,)

@@ -6,12 +6,22 @@ import rl
 MASK = torch.tensor([[1., 1., 1.], [1., 1., 0.]])
 
 
-def test_kl_shaped_rewards_put_the_game_reward_on_the_last_real_token():
+def test_kl_penalty_returns_are_the_return_to_go_of_minus_beta_k1():
     logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.3, -9.0]])
     ref = torch.tensor([[-1.5, -2.0, -1.0], [-0.2, -0.1, -1.0]])
-    rewards, kl = rl.kl_shaped_rewards(logp, ref, MASK, torch.tensor([2.0, -1.0]), beta=0.1)
+    returns, kl = rl.kl_penalty_returns(logp, ref, MASK, beta=0.1)
     torch.testing.assert_close(kl, torch.tensor([[0.5, 0.0, 0.5], [0.0, -0.2, 0.0]]))
-    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.0, -0.05 + 2.0], [0.0, 0.02 - 1.0, 0.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[-0.1, -0.05, -0.05], [0.02, 0.02, 0.0]]))
+
+
+def test_padding_that_holds_minus_inf_gives_no_nan():
+    """A log-prob of -inf at a padded position (as a top-p cut gave): (-inf - -inf) * 0 was NaN."""
+    logp = torch.tensor([[-1.0, -2.0, -float("inf")]])
+    returns, kl = rl.kl_penalty_returns(logp, logp.clone(), torch.tensor([[1.0, 1.0, 0.0]]))
+    assert bool(torch.isfinite(returns).all() and torch.isfinite(kl).all())
+    loss, stats = rl.ppo_loss(logp, logp.clone(), returns, torch.tensor([[1.0, 1.0, 0.0]]))
+    assert torch.isfinite(loss) and stats["ratio_mean"] == 1.0
+    assert rl.masked_mean(logp, torch.tensor([[1.0, 1.0, 0.0]])).item() == -1.5
 
 
 def test_returns_to_go():
@@ -102,3 +112,48 @@ def test_mixed_precision_adamw_clips_and_steps_like_plain_adamw_with_the_papers_
     for p, m, want in zip(model.parameters(), opt.master, masters):  # masters stepped, weights = masters in bf16
         torch.testing.assert_close(m.detach(), want.detach())
         assert p.dtype == torch.bfloat16 and torch.equal(p, m.detach().to(torch.bfloat16))
+
+
+def test_gradients_accumulate_in_float32_across_micro_batches():
+    """bf16 compute, float32 masters: 256 micro-batch gradients of 2^-9 after one of 1.0 sum to 1.5
+    in float32; summed in bf16 (spacing 2^-7 at 1.0) each one rounds away and the sum stays 1.0."""
+    layer = torch.nn.Linear(1, 1, bias=False)
+    opt = rl.MixedPrecisionAdamW(layer, lr=0.1, dtype=torch.bfloat16)
+    for x in [1.0] + [2.0 ** -9] * 256:
+        layer(torch.tensor([[x]], dtype=torch.bfloat16)).sum().backward()  # d/dw (w * x) = x
+    bf16_sum = torch.tensor(1.0, dtype=torch.bfloat16)
+    for _ in range(256):
+        bf16_sum += 2.0 ** -9
+    assert bf16_sum.item() == 1.0  # what accumulating in bf16 gives: measurably off
+    assert opt.step(grad_clip=1e9) == 1.5  # the float32 sum (the norm of a one-element gradient)
+
+
+def test_rloo_advantages_against_hand_computed_numbers():
+    reward = torch.tensor([1.0, 2.0, 6.0, 3.0, 3.0, 5.0, 0.0, 4.0])
+    group = torch.tensor([7, 7, 7, 1, 1, 2, 9, 9])
+    # group 7: 1 - (2 + 6) / 2, 2 - (1 + 6) / 2, 6 - (1 + 2) / 2; group 1: all equal; group 2: alone
+    expected = torch.tensor([-3.0, -1.5, 4.5, 0.0, 0.0, 0.0, -4.0, 4.0])
+    torch.testing.assert_close(rl.rloo_advantages(reward, group), expected)
+    assert rl.equal_reward_groups(reward, group).tolist() == [False] * 3 + [True] * 3 + [False] * 2
+
+
+def test_a_group_of_equal_rewards_gets_exactly_zero():
+    """Thirds do not add up exactly in floating point: the mean of equal values can differ from them
+    by an ulp, which normalising or a leave-one-out mean would turn into a full-size advantage."""
+    third = torch.tensor(1.0) / 3
+    reward = torch.stack([third] * 7)
+    assert rl.equal_reward_groups(reward, torch.zeros(7, dtype=torch.long)).all()
+    assert bool((rl.rloo_advantages(reward, torch.zeros(7, dtype=torch.long)) == 0).all())
+    out = rl.whiten_per_role(reward[:, None].expand(7, 3), torch.ones(7, 3), torch.zeros(7, dtype=torch.long))
+    assert bool((out == 0).all())
+
+
+def test_shuffle_within_groups_permutes_within_a_group_and_only_there():
+    values = torch.arange(40.0)
+    group = torch.tensor([rl.ATTACKER, rl.DEFENDER] * 20)
+    out = rl.shuffle_within_groups(values, group, torch.Generator().manual_seed(0))
+    for g in (rl.ATTACKER, rl.DEFENDER):
+        rows = group == g
+        assert sorted(out[rows].tolist()) == sorted(values[rows].tolist())  # the same rewards, within the group
+        assert not torch.equal(out[rows], values[rows])  # really moved
+    assert rl.shuffle_within_groups(values, group, torch.Generator().manual_seed(0)).tolist() == out.tolist()

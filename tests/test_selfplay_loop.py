@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import selfplay as SP
+import update as U
 from conftest import make_model, make_tokenizer
 from model import UserError
 from runlog import game_metrics, last_checkpoint
@@ -56,7 +57,7 @@ def test_micro_batches_keep_rows_with_a_long_shared_prompt_prefix_together():
     role_a, role_b = list(range(100)), list(range(500, 600))  # two role prompts: 100 tokens each
     prompts = [role_a + [1], role_b + [2], role_a + [3], role_a + [4], role_b + [5], role_a + [6], role_a + [7]]
     samples = [SP.rl.Experience(0, torch.tensor(p), torch.tensor([1]), 0.0) for p in prompts]
-    groups = SP.micro_batches(samples, list(range(len(samples))), size=2)
+    groups = U.micro_batches(samples, list(range(len(samples))), size=2)
     assert sorted(i for g in groups for i in g) == list(range(len(samples)))  # every row once
     assert all(len(g) <= 2 for g in groups)
     assert sorted(map(sorted, groups)) == [[0, 2], [1, 4], [3, 5], [6]]  # never role_a with role_b
@@ -72,9 +73,9 @@ def test_the_sft_loss_in_micro_batches_has_the_whole_batchs_loss_and_gradient():
              for k in range(5)]
     whole, split = make_model(tokenizer), make_model(tokenizer)
     cfg = SP.Config(micro_batch_size=2, sft_coef=0.5)
-    expected = SP.sft_loss(whole, demos, tokenizer.pad_token_id)
+    expected = U.sft_loss(whole, demos, tokenizer.pad_token_id)
     (cfg.sft_coef * expected).backward()
-    loss = SP.sft_backward(split, demos, tokenizer.pad_token_id, cfg)
+    loss = U.sft_backward(split, demos, tokenizer.pad_token_id, cfg)
     assert loss == pytest.approx(expected.item(), rel=1e-5)
     for (name, a), b in zip(whole.named_parameters(), split.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -88,22 +89,22 @@ def test_an_update_makes_rewarded_turns_likelier_and_punished_ones_rarer(whiten)
     policy, reference = make_model(tokenizer), make_model(tokenizer).requires_grad_(False)
     ids = lambda text: torch.tensor(tokenizer(text)["input_ids"])
     role_prompt = "A conversation between User and Assistant. The User asks a question and the Assistant answers it. " * 4
-    # a long shared role prompt, so that micro-batches hold 2 rows (SP.micro_batches)
+    # a long shared role prompt, so that micro-batches hold 2 rows (update.micro_batches)
     prompts = [ids(role_prompt + q) for q in ("How do I bake bread?", "Write a poem about the sea.", "Hi.")]
-    assert SP.common_prefix_length(prompts) >= 64
+    assert U.common_prefix_length(prompts) >= 64
     turns = [ids(" Sure, here is how."), ids(" I can't help with that."), ids(" <answer> here </answer>")]
     samples, reward = [], {}
     for k, (prompt, turn) in enumerate((p, t) for p in prompts for t in turns):
         reward[k] = [1.0, -1.0, 0.0][k % 3]  # "Sure, ..." pays, "I can't ..." costs, in every prompt
-        samples.append(SP.rl.Experience(k % 2, prompt, turn, reward[k], harmful_seed=k % 4 < 2))
+        samples.append(SP.rl.Experience(k % 2, prompt, turn, reward[k], harmful_prompt=k % 4 < 2))
     cfg = SP.Config(lr=1e-4, minibatches=2, micro_batch_size=2, temperature=1.0, kl_beta=0.0, whiten=whiten)
 
     def logps():
         with torch.no_grad():
-            logp = SP.batch_logprobs(policy, samples, [[i] for i in range(len(samples))], tokenizer.pad_token_id, cfg)
+            logp = U.batch_logprobs(policy, samples, [[i] for i in range(len(samples))], tokenizer.pad_token_id, cfg)
         return [logp[i, :len(s.tokens)].sum().item() for i, s in enumerate(samples)]
     before = logps()
-    stats, _ = SP.ppo_update(policy, reference, SP.rl.MixedPrecisionAdamW(policy, cfg.lr), samples,
+    stats, _ = U.ppo_update(policy, reference, SP.rl.MixedPrecisionAdamW(policy, cfg.lr), samples,
                              tokenizer.pad_token_id, cfg, torch.Generator().manual_seed(0))
     after = logps()
     assert stats["first_ratio"] == pytest.approx(1.0, abs=1e-6)
@@ -147,7 +148,8 @@ def test_a_step_runs_learns_and_writes_every_output(run_args):
     assert row["samples"] == 2 + 4  # two revised games train the attacker, all four the defender
     for key in ("reward_attacker", "reward_defender", "attack_success", "refusal_harmful", "compliance_benign",
                 "faithfulness", "format_ok_attacker", "format_ok_defender", "ties", "approx_kl", "clip_frac", "loss",
-                "tokens_per_s", "t_attacker", "t_defender", "t_judge", "t_reference", "t_update", "peak_rss_gb"):
+                "tokens_per_s", "t_attacker", "t_defender", "t_judge", "t_reference", "t_update", "peak_rss_gb",
+                "zero_variance_groups", "baseline_groups"):
         assert key in row, key
     games = [json.loads(line) for line in (out / "games.jsonl").read_text().splitlines()]
     assert len(games) == 4 and {g["type"] for g in games} == {"generated_harmful", "vanilla_harmful",
@@ -197,6 +199,7 @@ def test_resume_repeats_the_uninterrupted_run(run_args, dtype):
     (["--minibatches", "1"], True, True),
     (["--whiten", "role", "--sft-coef", "0"], True, True),  # the paper's whitening, RL alone
     (["--pg-coef", "0"], True, True),
+    (["--group-defender", "2", "--group-attacker", "2", "--shuffle-rewards"], True, True),  # RLOO, the control arm
 ])
 def test_each_mode_runs(run_args, flags, attacker, defender):
     out, _, rows = SP.train(SP.parse_args(run_args("--steps", "1", *flags)), judge=FixedJudge())
@@ -207,6 +210,14 @@ def test_each_mode_runs(run_args, flags, attacker, defender):
         assert all(g["type"].startswith("vanilla_") for g in games)
     if "attacker_only" in flags:  # only the two revised games train anyone
         assert rows[0]["samples"] == 2
+    if "--group-defender" in flags:  # batch_size counts seeds: 2 revised x 2 revisions + 2 vanilla, x 2 answers
+        assert len(games) == 12 and rows[0]["samples"] == 4 + 12
+        assert 0 <= rows[0]["zero_variance_groups"] <= rows[0]["baseline_groups"] == 2 + 6
+
+
+def test_bool_flags_default_false_are_switched_on_and_true_ones_off():
+    assert SP.parse_args([]).shuffle_rewards is False and SP.parse_args(["--shuffle-rewards"]).shuffle_rewards is True
+    assert SP.parse_args([]).cot is True and SP.parse_args(["--no-cot"]).cot is False
 
 
 def test_ctrl_c_finishes_the_step_and_checkpoints(run_args):
@@ -246,6 +257,8 @@ def test_a_failed_checkpoint_write_is_one_error_and_leaves_the_last_checkpoint(r
     (["--steps", "0"], "--steps must be >= 1"),
     (["--pg-coef", "0", "--sft-coef", "0"], "--pg-coef 0 needs --sft-coef > 0"),
     (["--revise-frac", "1.5"], "--revise-frac must be in"),
+    (["--group-defender", "0"], "--group-defender must be >= 1"),
+    (["--group-attacker", "-1"], "--group-attacker must be >= 1"),
     (["--seeds-harmful", "/no/such.jsonl"], "no such prompt file"),
     (["--resume", "/no/such/run"], "no config.json"),
 ])

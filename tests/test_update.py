@@ -1,0 +1,169 @@
+"""update.py on a tiny random model: the advantages, the PPO update, the auxiliary SFT loss."""
+import copy
+import math
+
+import pytest
+import torch
+
+import update as U
+from selfplay import Config
+from conftest import make_model, make_tokenizer
+from game import turn_tokens
+from model import defender_messages, play_turn, render_prompt
+
+ROLE_PROMPT = "A conversation between User and Assistant. The User asks a question and the Assistant answers it. " * 4
+
+
+def ids(tokenizer, text):
+    return torch.tensor(tokenizer(text)["input_ids"])
+
+
+def fixed_samples(tokenizer, rewards):
+    """Defender-like samples: a long shared role prompt, three questions x three fixed turns."""
+    prompts = [ids(tokenizer, ROLE_PROMPT + q) for q in ("How do I bake bread?", "Write a poem about the sea.", "Hi.")]
+    turns = [ids(tokenizer, t) for t in (" Sure, here is how.", " I can't help with that.", " <answer> here </answer>")]
+    return [U.rl.Experience(U.rl.DEFENDER, p, t, r) for (p, t), r in zip(((p, t) for p in prompts for t in turns), rewards)]
+
+
+def test_equal_game_rewards_give_no_update_beyond_the_kl_term():
+    """Whitening the KL-shaped returns turned beta * KL noise (~1e-3) into unit-size advantages when
+    every game reward was equal; the KL term must keep its true scale."""
+    tokenizer = make_tokenizer()
+    cfg = Config(kl_beta=0.01, temperature=1.0, minibatches=1, whiten="role", sft_coef=0.0)
+    norms = {}
+    for name, rewards in (("equal", [1.0] * 9), ("varied", [1.0, -1.0, 0.0] * 3)):
+        policy = make_model(tokenizer)
+        reference = copy.deepcopy(policy).requires_grad_(False)
+        with torch.no_grad():  # a reference a little off the policy: small KL noise on every token
+            for p in reference.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 1e-3)
+        stats, _ = U.ppo_update(policy, reference, U.rl.MixedPrecisionAdamW(policy, 1e-4), fixed_samples(tokenizer, rewards),
+                                tokenizer.pad_token_id, cfg, torch.Generator().manual_seed(0))
+        assert 0 < abs(stats["kl"]) < 0.1
+        norms[name] = stats["grad_norm"]
+    assert norms["equal"] < 0.01 * norms["varied"], norms
+
+
+def test_top_p_below_one_keeps_the_kl_and_the_update_finite():
+    """Sampled with a nucleus, scored from the full softmax: a token outside the reference's nucleus
+    had log-prob -inf (infinite KL), and padded positions (-inf - -inf) * 0 = NaN."""
+    tokenizer = make_tokenizer()
+    policy, reference = make_model(tokenizer, seed=0), make_model(tokenizer, seed=1).requires_grad_(False)
+    cfg = Config(temperature=0.7, top_p=0.3, minibatches=1, sft_coef=0.0)
+    prompts = [render_prompt(tokenizer, defender_messages(q)) for q in ("How do I bake bread?", "Hi.", "Write a poem.")]
+    turn = play_turn(policy, tokenizer, prompts, 12, cfg.temperature, cfg.top_p, torch.Generator().manual_seed(0))
+    samples = [U.rl.Experience(U.rl.DEFENDER, *turn_tokens(turn, i), float(i)) for i in range(len(prompts))]
+    samples[0].tokens = samples[0].tokens[:5]  # as if it had stopped early: the other rows are padded after it
+    ref_logp, mask = U.experience_logprobs(reference, samples, tokenizer.pad_token_id, cfg)
+    assert bool(torch.isfinite(ref_logp[mask.bool()]).all())
+    stats, _ = U.ppo_update(policy, reference, U.rl.MixedPrecisionAdamW(policy, 1e-4), samples, tokenizer.pad_token_id,
+                            cfg, torch.Generator().manual_seed(0))
+    assert all(math.isfinite(v) for v in stats.values()), stats
+    assert stats["first_ratio"] == pytest.approx(1.0, abs=1e-6)
+
+
+def synthetic(rewards, roles, lengths, harmful=None, groups=None):
+    """Experiences with given rewards and generation lengths, and a (S, N) mask; the tokens are never read."""
+    n = len(rewards)
+    harmful = harmful or [False] * n
+    groups = groups or list(range(n))
+    samples = [U.rl.Experience(r, torch.tensor([1, 2]), torch.zeros(L, dtype=torch.long), x, harmful_prompt=h, group=g)
+               for x, r, L, h, g in zip(rewards, roles, lengths, harmful, groups)]
+    mask = torch.zeros(n, max(lengths))
+    for i, L in enumerate(lengths):
+        mask[i, :L] = 1
+    return samples, mask
+
+
+def old_advantages(logp, ref, mask, reward, group, beta):
+    """The previous computation, written out: KL-shaped token rewards (game reward on the last token),
+    return-to-go (gamma 1), then whitened over the tokens of each group."""
+    rewards = -beta * (logp - ref) * mask
+    last = mask.sum(1).long() - 1
+    rewards[torch.arange(len(reward)), last] += reward
+    returns = rewards.flip(1).cumsum(1).flip(1) * mask
+    out = torch.zeros_like(returns)
+    for g in group.unique():
+        m = mask * (group == g)[:, None]
+        mean = (returns * m).sum() / m.sum()
+        std = (((returns - mean) ** 2) * m).sum().div(m.sum()).sqrt()
+        out = torch.where(m.bool(), (returns - mean) / (std + 1e-8), out)
+    return out
+
+
+@pytest.mark.parametrize("whiten", ["role", "role_and_seed"])
+def test_group_sizes_of_one_are_the_previous_reinforce_plus_plus(whiten):
+    """Without the KL term, exactly the previous per-role (or per role and kind) whitening; with it, the
+    same plus the KL penalty's return-to-go, unnormalised."""
+    torch.manual_seed(0)
+    roles = [0, 1, 1, 0, 1, 1, 0, 1]
+    harmful = [True, True, False, False, True, False, True, True]
+    samples, mask = synthetic([2.0, -1.0, 3.0, 0.5, 0.0, 1.0, -2.0, 2.0], roles, [3, 5, 2, 4, 5, 1, 2, 3], harmful)
+    logp, ref = -torch.rand(mask.shape) * 3, -torch.rand(mask.shape) * 3
+    reward, role = torch.tensor([s.reward for s in samples]), torch.tensor(roles)
+    group = role * 2 + torch.tensor(harmful).long() if whiten == "role_and_seed" else role
+    gen = torch.Generator()
+    cfg = Config(whiten=whiten, kl_beta=0.0)
+    got, stats = U.advantages(samples, logp, ref, mask, cfg, gen)
+    torch.testing.assert_close(got, old_advantages(logp, ref, mask, reward, group, beta=0.0))
+    assert stats["baseline_groups"] == len(group.unique())
+    assert stats["zero_variance_groups"] == {"role": 0, "role_and_seed": 1}[whiten]  # (attacker, benign) has one sample
+    cfg = Config(whiten=whiten, kl_beta=0.01)
+    got_kl, _ = U.advantages(samples, logp, ref, mask, cfg, gen)
+    kl_return = (-0.01 * (logp - ref) * mask).flip(1).cumsum(1).flip(1) * mask
+    torch.testing.assert_close(got_kl, old_advantages(logp, ref, mask, reward, group, beta=0.0) + kl_return)
+
+
+def test_equal_rewards_and_kl_noise_give_kl_sized_advantages():
+    """The issue's check: equal game rewards, KL noise 0.01. Whitening the whole return gave std 1.00."""
+    torch.manual_seed(0)
+    samples, mask = synthetic([1.0] * 16, [U.rl.DEFENDER] * 16, [20] * 16)
+    logp = -torch.rand(mask.shape)
+    ref = logp + 0.01 * torch.randn(mask.shape)
+    got, stats = U.advantages(samples, logp, ref, mask, Config(whiten="role"), torch.Generator())
+    assert got.std().item() < 1e-2
+    assert stats["zero_variance_groups"] == 1 and stats["baseline_groups"] == 1
+    old = old_advantages(logp, ref, mask, torch.ones(16), torch.ones(16), beta=0.01)
+    assert old.std().item() == pytest.approx(1.0, abs=0.01)  # the defect, for the record
+
+
+def test_rloo_groups_against_hand_computed_numbers():
+    """Attacker revisions in groups by seed, defender answers in groups by prompt; equal groups are counted."""
+    roles = [0, 0, 0, 1, 1, 1, 1, 1, 1]
+    groups = [5, 5, 8, 0, 0, 0, 1, 1, 2]  # attacker: seeds 5 (two revisions) and 8 (one); defender: prompts 0, 1, 2
+    rewards = [1.0, 2.0, 3.0, 3.0, 0.0, -3.0, 2.0, 2.0, 1.0]
+    samples, mask = synthetic(rewards, roles, [2] * 9, groups=groups)
+    cfg = Config(group_attacker=2, group_defender=3, kl_beta=0.0)
+    got, stats = U.advantages(samples, torch.zeros(9, 2), torch.zeros(9, 2), mask, cfg, torch.Generator())
+    expected = torch.tensor([-1.0, 1.0, 0.0, 4.5, 0.0, -4.5, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(got, expected[:, None].expand(9, 2))
+    # seed 8 (one revision left), prompt 1 (equal) and prompt 2 (one answer left) carry no update
+    assert stats["zero_variance_groups"] == 3 and stats["baseline_groups"] == 5
+
+
+def test_rloo_for_one_role_and_whitening_for_the_other():
+    samples, mask = synthetic([1.0, 3.0, 5.0, -1.0], [0, 0, 1, 1], [1, 1, 1, 1], groups=[0, 0, 0, 1])
+    got, _ = U.advantages(samples, torch.zeros(4, 1), torch.zeros(4, 1), mask, Config(group_attacker=2, whiten="role"),
+                          torch.Generator())
+    torch.testing.assert_close(got[:, 0], torch.tensor([-2.0, 2.0, 1.0, -1.0]))
+
+
+def test_role_and_seed_whitens_the_defender_by_the_judged_label_of_its_prompt():
+    """The defender's refusal reward is scored against the judge's label of the prompt it saw, so its
+    per-kind baseline uses that label (harmful_prompt), not the seed's type."""
+    samples, mask = synthetic([2.0, 0.0, 4.0, 2.0], [1, 1, 1, 1], [1, 1, 1, 1], harmful=[True, True, False, False])
+    got, _ = U.advantages(samples, torch.zeros(4, 1), torch.zeros(4, 1), mask, Config(whiten="role_and_seed"),
+                          torch.Generator())
+    torch.testing.assert_close(got[:, 0], torch.tensor([1.0, -1.0, 1.0, -1.0]))
+
+
+def test_shuffled_rewards_are_permuted_within_each_role():
+    roles = [0, 1] * 8
+    samples, mask = synthetic([float(k) for k in range(16)], roles, [1] * 16)
+    plain, _ = U.advantages(samples, torch.zeros(16, 1), torch.zeros(16, 1), mask, Config(whiten="role"), torch.Generator())
+    shuffled, _ = U.advantages(samples, torch.zeros(16, 1), torch.zeros(16, 1), mask,
+                               Config(whiten="role", shuffle_rewards=True), torch.Generator().manual_seed(0))
+    for role in (0, 1):
+        rows = torch.tensor(roles) == role
+        assert sorted(shuffled[rows, 0].tolist()) == pytest.approx(sorted(plain[rows, 0].tolist()))
+        assert not torch.allclose(shuffled[rows], plain[rows])
