@@ -155,10 +155,10 @@ def headline(report, sampled):
             "gap": next(iter(result["gaps"].values()))["discrimination_gap" + suffix]["value"]}
 
 
-def summarise(args, base, reports):
+def summarise(args, arms, base, reports):
     """Per measure (sampled, greedy): step_0000's values, each arm's mean and t-interval over seeds,
     and each arm minus the control, paired by seed. `reports`: {(arm, seed): report} done so far."""
-    summary = {"settings": {k: v for k, v in vars(args).items()}, "runs_done": len(reports),
+    summary = {"settings": vars(args), "arm_flags": {arm: arms[arm] for arm in args.arms}, "runs_done": len(reports),
                "runs": len(args.arms) * args.seeds, "measures": {}}
     for measure in (["sampled"] if args.samples else []) + ["greedy"]:
         values = {key: headline(report, measure == "sampled") for key, report in reports.items()}
@@ -189,7 +189,9 @@ def markdown(summary):
              + (f"the first {a['limit']}" if a["limit"] else "all") + " of each kind. Mean over seeds and its 95% "
              "Student-t interval (seeds - 1 degrees of freedom: with so few seeds a bootstrap interval is too "
              "narrow), not clipped: a bound past 0 or 1 says the seeds cannot pin the value down.",
-             f"Effects are arm - {CONTROL}, paired by seed; `selfplay - {CONTROL}` is the RL effect."]
+             f"Effects are arm - {CONTROL}, paired by seed; `selfplay - {CONTROL}` is the RL effect.",
+             "Arms (selfplay.py flags): " + "; ".join(f"{arm} `{' '.join(f) or 'the defaults'}`"
+                                                     for arm, f in summary["arm_flags"].items()) + "."]
     header = "| " + " | ".join(name for _, name in METRICS) + " |"
     for measure, s in summary["measures"].items():
         how = f"{a['samples']} sampled answers per prompt" if measure == "sampled" else "one greedy answer per prompt"
@@ -212,16 +214,18 @@ def plot(summary, path: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    s = next(iter(summary["measures"].values()))  # sampled when there are samples
+    measure, s = next(iter(summary["measures"].items()))  # sampled when there are samples
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     for ax, (m, name) in zip(axes, METRICS):
         for x, (arm, r) in enumerate(s["arms"].items()):
             ax.plot([x] * len(r[m]["values"]), r[m]["values"], ".", color="grey")
             lo, hi = r[m]["ci"] or (r[m]["mean"],) * 2
-            ax.errorbar([x + 0.15], [r[m]["mean"]], yerr=[[r[m]["mean"] - lo], [hi - r[m]["mean"]]], fmt="o", capsize=4)
+            ax.errorbar([x + 0.15], [r[m]["mean"]], yerr=[[r[m]["mean"] - lo], [hi - r[m]["mean"]]], fmt="o", capsize=4,
+                        color=f"C{x}")
         ax.axhline(s["step_0000"][m], ls="--", color="black", lw=0.8, label="step_0000")
         ax.set_xticks(range(len(s["arms"])), list(s["arms"]), rotation=20, fontsize=8)
-        ax.set_title(name, fontsize=10)
+        ax.set_ylim(-1.05 if m == "gap" else -0.05, 1.05)  # an interval past the possible range is cut off
+        ax.set_title(f"{name} ({measure})", fontsize=10)
     axes[0].legend(fontsize=7)
     for x, (arm, r) in enumerate(s["effects"].items()):
         for k, (m, name) in enumerate(METRICS):
@@ -231,6 +235,7 @@ def plot(summary, path: Path):
     axes[3].axhline(0, color="black", lw=0.8)
     axes[3].set_xticks([x + 0.2 for x in range(len(s["effects"]))], [f"{a} - {CONTROL}" for a in s["effects"]],
                        rotation=20, fontsize=8)
+    axes[3].set_ylim(-1.05, 1.05)
     axes[3].set_title("effect vs control, paired by seed", fontsize=10)
     if s["effects"]:
         axes[3].legend(fontsize=7)
@@ -309,12 +314,12 @@ def run(args, arms=ARMS, judge=None):
         reports[arm, seed] = evaluate_checkpoint(args, checkpoint_path(folder, args.steps),
                                                  folder / f"eval_step_{args.steps:04d}", judge)
         bar.update()
-        write_results(out, summarise(args, base, reports))
+        write_results(out, summarise(args, arms, base, reports))
         print(f"{arm} seed {seed}: done ({(time.time() - t0) / 60:.1f} min so far)", flush=True)
         gc.collect()
         SP.release_freed_memory()
     bar.close()
-    summary = summarise(args, base, reports)
+    summary = summarise(args, arms, base, reports)
     write_results(out, summary)
     return summary
 
