@@ -136,9 +136,8 @@ def play_games(policy, defender, tokenizer, judge, seeds, cfg, gen):
     games, samples = [], []
     for q, (i, j, query) in enumerate(queries):
         s = seeds[i]
-        rows = [a for a, prompt in enumerate(answers) if prompt == q]
         defender_samples, attacker_rewards = [], []
-        for a in rows:
+        for a in range(q * k_d, (q + 1) * k_d):  # the answers to prompt q
             labels = to_labels(verdicts[a])
             r_att, r_def = game_rewards(s["type"], j is not None, labels, attack.format_ok[j] if j is not None else True,
                                         defend.format_ok[a], cfg.reward_table, cfg.cot)
