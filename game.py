@@ -7,6 +7,7 @@
 selfplay.py runs these in its training loop; `cfg` is its Config.
 """
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -93,13 +94,20 @@ def draw_seeds(harmful, benign, cfg, gen) -> list[dict]:
     return seeds
 
 
-def turn_tokens(turn, i):
-    """Row i of a played turn as unpadded (prompt ids, generated ids)."""
-    return turn.prompt_ids[i][turn.prompt_mask[i].bool()], turn.sample.tokens[i][turn.sample.mask[i].bool()]
+def turn_experience(turn, i, role, reward, **kw) -> rl.Experience:
+    """Row i of a played turn as a training sample: unpadded prompt and generated ids, and the
+    sampler's own log-probs of those ids (the update may reuse them as the old log-probs)."""
+    new = turn.sample.mask[i].bool()
+    return rl.Experience(role, turn.prompt_ids[i][turn.prompt_mask[i].bool()], turn.sample.tokens[i][new], reward,
+                         logprobs=turn.sample.logprobs[i][new], **kw)
 
 
-def play_games(policy, defender, tokenizer, judge, seeds, cfg, gen):
+def play_games(policy, reference, tokenizer, judge, seeds, cfg, gen):
     """Play one batch of games: the rollout tree seed -> revisions -> answers, judged answer by answer.
+
+    The policy plays both roles, except in --mode attacker_only, where the defender is the starting
+    model: `reference()` is a context manager that yields it (a frozen copy, or the LoRA policy with
+    its adapters off; see selfplay.train).
 
     Each revised seed is rewritten cfg.group_attacker (k_a) times; each revision, and each vanilla
     seed, is answered cfg.group_defender (k_d) times; each answer is one game. A defender sample's
@@ -126,7 +134,8 @@ def play_games(policy, defender, tokenizer, judge, seeds, cfg, gen):
 
     t0 = time.time()
     prompts = [render_prompt(tokenizer, defender_messages(query, cfg.cot), cfg.cot) for _, _, query in queries]
-    defend = play_turn(defender, tokenizer, [prompts[q] for q in answers], cfg.defender_max_new_tokens, **sampling)
+    with reference() if cfg.mode == "attacker_only" else nullcontext(policy) as defender:
+        defend = play_turn(defender, tokenizer, [prompts[q] for q in answers], cfg.defender_max_new_tokens, **sampling)
     times["t_defender"] = time.time() - t0
 
     t0 = time.time()
@@ -144,8 +153,8 @@ def play_games(policy, defender, tokenizer, judge, seeds, cfg, gen):
             if r_att is not None:
                 attacker_rewards.append(r_att)
             if cfg.mode != "attacker_only" and r_def is not None:  # the refusal reward is scored against the judged label
-                defender_samples.append(rl.Experience(rl.DEFENDER, *turn_tokens(defend, a), r_def,
-                                                      harmful_prompt=labels["prompt"] == "harmful", group=q))
+                defender_samples.append(turn_experience(defend, a, rl.DEFENDER, r_def,
+                                                        harmful_prompt=labels["prompt"] == "harmful", group=q))
             games.append({
                 "seed": s["seed"], "type": ("generated_" if j is not None else "vanilla_") + s["type"],
                 "seed_index": i, "revision_index": None if j is None else j - revisions.index(i),  # a seed's rows are consecutive
@@ -157,8 +166,8 @@ def play_games(policy, defender, tokenizer, judge, seeds, cfg, gen):
                 "verdict": {k: None if x is None else round(x, 4) for k, x in verdicts[a].items()}, "labels": labels,
                 "reward_attacker": r_att, "reward_defender": r_def})
         if cfg.mode != "defender_only" and j is not None and attacker_rewards:  # all ties: nothing to learn from
-            samples.append(rl.Experience(rl.ATTACKER, *turn_tokens(attack, j), sum(attacker_rewards) / len(attacker_rewards),
-                                         harmful_prompt=s["type"] == "harmful", group=i))
+            samples.append(turn_experience(attack, j, rl.ATTACKER, sum(attacker_rewards) / len(attacker_rewards),
+                                           harmful_prompt=s["type"] == "harmful", group=i))
         samples += defender_samples
     n_tokens = int(defend.sample.mask.sum()) + (int(attack.sample.mask.sum()) if attack else 0)
     times["tokens_per_s"] = n_tokens / max(times["t_attacker"] + times["t_defender"], 1e-9)

@@ -37,6 +37,7 @@ class Experience:
     # label of the prompt it saw, which its refusal reward is scored against
     harmful_prompt: bool = False
     group: int = 0          # samples of one role with the same group answer the same prompt (RLOO groups)
+    logprobs: torch.Tensor | None = None  # (new,) the sampler's float32 log-probs of `tokens`, when it sampled them
 
 
 def masked_mean(x, mask, dim=None):
@@ -151,20 +152,24 @@ class MixedPrecisionAdamW:
     backward, and for sampling, so there is no second copy to keep in sync. Gradients add up in
     float32, as DeepSpeed's do: after each backward a hook adds a parameter's bf16 gradient into its
     master's float32 one and frees it (summed in bf16 over many micro-batches, small gradients round
-    away: bf16 keeps 8 bits). Each step clips, steps the masters and writes them back rounded to bf16.
+    away: bf16 keeps 8 bits), so the only full-size gradient alive is the float32 sum. Each step
+    clips, steps the masters and writes them back rounded to bf16.
+    Only trainable parameters (requires_grad) get a master and Adam state: with LoRA (lora.py) that
+    is the adapters, a few MB; the frozen weights are just cast to the compute dtype.
     With dtype=float32 the masters are the model's own parameters: plain AdamW.
     """
 
     def __init__(self, model, lr, dtype=torch.float32):
-        self.params = list(model.parameters())
+        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for p in model.parameters() if p.requires_grad]
         if dtype == torch.float32:
             self.master = self.params
-        else:
-            self.master = [p.detach().float().clone().requires_grad_(p.requires_grad) for p in self.params]
-            for p, m in zip(self.params, self.master):  # parameters only: buffers such as the rotary frequencies stay float32
-                p.data = p.data.to(dtype)
-                if p.requires_grad:
-                    p.register_post_accumulate_grad_hook(lambda p, m=m: self._add_to_master(p, m))
+        else:  # the masters are taken before the cast, so they keep the weights' float32 bits
+            self.master = [p.detach().float().clone().requires_grad_() for p in self.params]
+            for p, m in zip(self.params, self.master):
+                p.register_post_accumulate_grad_hook(lambda p, m=m: self._add_to_master(p, m))
+        for p in model.parameters():  # parameters only: buffers such as the rotary frequencies stay float32
+            p.data = p.data.to(dtype)
         # fused: one kernel per parameter, no full-size temporaries (foreach Adam allocates a
         # second copy of the state for sqrt(v); fused is 2x faster and 0.2 GB lighter here)
         # betas and weight decay as released (OpenRLHF's defaults for the actor): (0.9, 0.95), 0
@@ -205,9 +210,10 @@ class MixedPrecisionAdamW:
                     m.grad = None
         return norm
 
-    def master_state_dict(self, model) -> dict:
-        """The float32 weights by parameter name: what a checkpoint stores."""
-        return {name: m.detach() for (name, _), m in zip(model.named_parameters(), self.master)}
+    def master_state_dict(self) -> dict:
+        """The float32 weights of the trained parameters by name: every parameter's in full fine-tuning
+        (what a checkpoint stores), the adapters' with LoRA (lora.merged_state_dict merges them)."""
+        return {name: m.detach() for name, m in zip(self.names, self.master)}
 
     def state_dict(self):
         return self.adam.state_dict()

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+import lora
 from model import UserError, publish_folder
 
 
@@ -28,16 +29,21 @@ def checkpoint_path(out: Path, step: int) -> Path:
 def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer=None) -> Path:
     """Weights (the optimiser's float32 masters, when given) and tokenizer, plus the optimiser state
     for resuming. No RNG state is needed: step k's random draws come from a generator seeded with
-    (seed, k)."""
+    (seed, k). With LoRA the weights are merged (W + scale B A, from the float32 adapter masters), so
+    the folder is a plain model for evaluate.py and load_policy; trainer_state.pt also holds the
+    adapters, which a resumed run puts back on step_0000."""
     folder = checkpoint_path(out, step)
     for stale in folder.parent.glob("step_*.tmp*"):  # left by a process that was killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    weights, adapters = optimizer.master_state_dict() if optimizer else None, None
+    if lora.lora_layers(model):  # the trained weights are the adapters: saved apart, and merged into the model's
+        adapters, weights = weights, lora.merged_state_dict(model, weights)
     try:
-        model.save_pretrained(tmp, state_dict=optimizer.master_state_dict(model) if optimizer else None)
+        model.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         if optimizer is not None:
-            torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "trainer_state.pt")
+            torch.save({"step": step, "optimizer": optimizer.state_dict(), "lora": adapters}, tmp / "trainer_state.pt")
     except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: one line; the last checkpoint is intact
         shutil.rmtree(tmp, ignore_errors=True)
         found = last_checkpoint(out)

@@ -3,18 +3,20 @@
   sample             left-padded prompts -> new tokens, their mask and their log-probs
   sequence_logprobs  log-probs of given tokens with gradients, chunked over the vocabulary
   sampling_logprobs  the one place that turns logits into log-probs (full softmax of logits / T)
+  compile_layers     opt-in torch.compile of the decoder layers' cache-free parts (--compile)
 
 Tricks, each explained where it lives: position ids from the attention mask (left padding),
 an in-place KV buffer per layer, the shared prompt prefix prefilled once, finished rows dropped
 from the batch, inverse-CDF sampling. No `model.generate` inside.
 """
+import functools
+import shutil
+import sys
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-
-
 
 def sampling_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Log-probs (float32) of the full temperature-scaled softmax, log_softmax(logits / T).
@@ -288,3 +290,43 @@ def generation_logprobs(model, prompts, generations, pad_id, temperature=1.0, mi
     logp = sequence_logprobs(model, ids.to(device), mask.to(device), gen_mask.shape[1], temperature,
                              prefix_ids=prompts[0][:K].to(device) if K else None)
     return logp.float(), gen_mask.to(device).float()
+
+
+@functools.cache
+def compiler_works() -> bool:
+    """Whether torch.compile works here, tried once on a tiny function (a broken tool chain fails
+    here, not in the middle of a run); if not, one warning line says why."""
+    if not any(shutil.which(c) for c in ("g++", "clang++", "c++")):
+        print("warning: --compile needs a C++ compiler (g++ or clang++); running uncompiled", file=sys.stderr)
+        return False
+    try:
+        torch.compile(lambda x: x.sin() + 1)(torch.ones(2))
+    except Exception as e:  # noqa: BLE001 (inductor raises many kinds)
+        print(f"warning: --compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}); "
+              "running uncompiled", file=sys.stderr)
+        return False
+    return True
+
+
+def compile_layers(model) -> bool:
+    """torch.compile, in place, the parts of each decoder layer that do not touch the KV cache: the
+    MLP and the two RMSNorms, where compiling fuses the elementwise work (SiLU x up, the norm's
+    square-mean-scale) around the matmuls, for the sampler's decode steps and the training and
+    no-grad forwards alike (bench.py --selfplay-steps N -- --compile measures what it buys). Whole layers compile badly: the cache's Python state
+    (layer index, fill level) made every layer and step a recompile. The layers share one code path,
+    so one compiled graph serves them all (a few more for batch 1, grad on and off).
+    Returns whether it compiled: without a working C++ compiler it prints one warning line and the
+    model stays as it was; a later failure on some input shape runs that call uncompiled.
+    """
+    if not compiler_works():
+        return False
+    parts = [getattr(layer, name) for layer in getattr(model.get_decoder(), "layers", [])
+             for name in ("mlp", "input_layernorm", "post_attention_layernorm") if hasattr(layer, name)]
+    if not parts:
+        print(f"warning: --compile: no Llama-style decoder layers in {type(model).__name__}; running uncompiled",
+              file=sys.stderr)
+        return False
+    torch._dynamo.config.suppress_errors = True  # a graph that will not compile falls back to eager
+    for part in parts:
+        part.compile(dynamic=True)
+    return True

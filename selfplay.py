@@ -17,11 +17,13 @@ import resource
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+import lora
 import rl
 from game import REWARD_TABLES, draw_seeds, play_games, read_seeds
 from judge import load_judge
@@ -29,6 +31,7 @@ from model import (UserError, cache_dir, cpu_has_bf16, default_device, exit_on_u
                    resolve_policy_path)
 from runlog import (append_jsonl, checkpoint_path, game_metrics, keep_steps, last_checkpoint, mean, plot_curves,
                     progress_summary, read_jsonl_lines, save_checkpoint)
+from sampler import compile_layers
 from update import ppo_update
 from warmup import demo_experiences, sft_batches, warm_up, warmup_key
 
@@ -55,6 +58,9 @@ class Config:
     resume: str = arg("", "continue the run in this folder from its last checkpoint")
     seed: int = arg(0, "random seed; step k's draws depend only on (seed, k), so a resumed run repeats exactly")
     lr: float = arg(4e-5, "Adam learning rate of the RL update")
+    lora_rank: int = arg(0, "LoRA rank (lora.py): train low-rank adapters on the frozen step_0000 instead of every "
+                            "weight; the reference is the policy with its adapters off (0: full fine-tuning)")
+    lora_alpha: float = arg(0.0, "LoRA scale numerator: updates are alpha / rank x B A (0: alpha = rank)")
     kl_beta: float = arg(0.01, "beta of the per-token k1 KL penalty against the reference (step_0000)")
     clip_eps: float = arg(0.2, "PPO clip range epsilon")
     whiten: str = arg("role_and_seed", "game-reward whitening groups (with group sizes of 1): role (as released) | "
@@ -70,6 +76,10 @@ class Config:
     ppo_epochs: int = arg(1, "passes over each step's samples")
     minibatches: int = arg(2, "optimiser steps per pass (PPO clipping matters from the second)")
     micro_batch_size: int = arg(2, "rows per forward/backward; gradients add up over a minibatch (memory vs speed)")
+    no_grad_batch: int = arg(16, "rows per forward of the reference pass (no activations kept, so wider than a micro-batch)")
+    old_logprobs: str = arg("auto", "PPO's old log-probs: sampler (the sampler's own, no extra pass) | recompute (a "
+                                    "no-grad pass packed as the update's first pass: first ratio exactly 1) | auto "
+                                    "(sampler in float32, where they match to ~1e-5; recompute in bf16, where they do not)")
     grad_clip: float = arg(1.0, "gradient norm clip")
     attacker_max_new_tokens: int = arg(96, "attacker turn length cap")
     defender_max_new_tokens: int = arg(128, "defender turn length cap")
@@ -84,10 +94,13 @@ class Config:
     checkpoint_every: int = arg(5, "steps between checkpoints (a last one is always written)")
     device: str = arg("auto", "cpu | cuda | auto")
     dtype: str = arg("auto", "bfloat16 (bf16 compute, float32 master weights) | float32 | auto (bf16 where the hardware is fast at it)")
+    compile: bool = arg(False, "torch.compile the MLPs and norms of the policy's decoder layers (needs a C++ compiler; "
+                               "without one, a warning and eager mode)")
 
 
 MODES = ("selfplay", "attacker_only", "defender_only")
 WHITEN = ("role", "role_and_seed")
+OLD_LOGPROBS = ("auto", "sampler", "recompute")
 
 
 def check_config(cfg: Config):
@@ -95,6 +108,8 @@ def check_config(cfg: Config):
         raise UserError(f"--mode must be one of {', '.join(MODES)}, not '{cfg.mode}'")
     if cfg.whiten not in WHITEN:
         raise UserError(f"--whiten must be one of {', '.join(WHITEN)}, not '{cfg.whiten}'")
+    if cfg.old_logprobs not in OLD_LOGPROBS:
+        raise UserError(f"--old-logprobs must be one of {', '.join(OLD_LOGPROBS)}, not '{cfg.old_logprobs}'")
     if cfg.reward_table not in REWARD_TABLES:
         raise UserError(f"--reward-table must be one of {', '.join(REWARD_TABLES)}")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
@@ -102,7 +117,7 @@ def check_config(cfg: Config):
     if cfg.device not in ("auto", "cpu") and not (cfg.device.startswith("cuda") and torch.cuda.is_available()):
         raise UserError(f"--device {cfg.device}: use auto or cpu" + ("" if torch.cuda.is_available() else " (no CUDA here)"))
     for name in ("steps", "batch_size", "ppo_epochs", "minibatches", "micro_batch_size", "attacker_max_new_tokens",
-                 "defender_max_new_tokens", "checkpoint_every", "group_defender", "group_attacker"):
+                 "defender_max_new_tokens", "checkpoint_every", "group_defender", "group_attacker", "no_grad_batch"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     if cfg.batch_size < 2:
@@ -117,7 +132,7 @@ def check_config(cfg: Config):
         raise UserError("--group-attacker > 1 needs an attacker: not with --mode defender_only")
     if cfg.pg_coef == 0 and cfg.sft_coef == 0:
         raise UserError("--pg-coef 0 needs --sft-coef > 0 (nothing would train)")
-    for name in ("kl_beta", "sft_coef", "pg_coef", "warmup_epochs", "warmup_demos", "warmup_lr"):
+    for name in ("kl_beta", "sft_coef", "pg_coef", "warmup_epochs", "warmup_demos", "warmup_lr", "lora_rank", "lora_alpha"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0")
 
@@ -189,6 +204,24 @@ def prepare_run(cfg: Config, device, dtype):
     return out, (0, checkpoint_path(out, 0))
 
 
+def reference_policy(policy, cfg: Config, out, device, dtype):
+    """RL's starting point (step_0000): the KL anchor, and the frozen defender of attacker_only.
+
+    Returned as a function that gives a context manager yielding the model: with LoRA it is the
+    policy itself with its adapters off (no second copy held), otherwise a frozen copy of step_0000,
+    or None when neither the KL penalty nor a frozen defender needs it.
+    """
+    if cfg.lora_rank:
+        return lambda: lora.adapters_disabled(policy)
+    if not cfg.kl_beta and cfg.mode != "attacker_only":
+        return None
+    reference, _ = load_policy(str(checkpoint_path(out, 0)), device, dtype)
+    reference.requires_grad_(False)
+    if cfg.compile:
+        compile_layers(reference)
+    return lambda: nullcontext(reference)
+
+
 def train(cfg: Config, judge=None):
     """Run (or resume) self-play; `judge` overrides cfg.judge (the tests pass a tiny one)."""
     check_config(cfg)
@@ -207,14 +240,24 @@ def train(cfg: Config, judge=None):
     rows = keep_steps(out / "metrics.jsonl", start)
     keep_steps(out / "games.jsonl", start)
 
-    policy, tokenizer = load_policy(str(folder), device, torch.float32)
+    # LoRA adapts the frozen step_0000 (a later checkpoint holds merged weights: never adapt those again)
+    policy, tokenizer = load_policy(str(checkpoint_path(out, 0) if cfg.lora_rank else folder), device, torch.float32)
+    resumed = torch.load(folder / "trainer_state.pt", weights_only=True) if start > 0 else None
+    if cfg.lora_rank:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # the adapters' random A: the same for the same seed
+            try:
+                lora.add_lora(policy, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank)
+            except ValueError as e:  # a model without Llama-style projection names
+                raise UserError(f"--lora-rank {cfg.lora_rank}: {e}") from None
+        if resumed:  # the float32 adapter masters, loaded before the optimiser copies them
+            lora.load_lora_state_dict(policy, resumed["lora"])
     optimizer = rl.MixedPrecisionAdamW(policy, cfg.lr, dtype)  # float32 masters; the policy now computes in dtype
-    if start > 0:
-        optimizer.load_state_dict(torch.load(folder / "trainer_state.pt", weights_only=True)["optimizer"])
-    # RL's starting point: the KL anchor, and the frozen defender of attacker_only
-    reference, _ = load_policy(str(checkpoint_path(out, 0)), device, dtype)
-    reference.requires_grad_(False)
-    defender = reference if cfg.mode == "attacker_only" else policy
+    if resumed:
+        optimizer.load_state_dict(resumed["optimizer"])
+    reference = reference_policy(policy, cfg, out, device, dtype)
+    if cfg.compile:
+        compile_layers(policy)
     # one SFT batch per optimiser step: a resumed run skips those already used, so it repeats the uninterrupted one
     demos = (sft_batches(demo_experiences(tokenizer, cfg.cot, helpful_only=True), 4,
                          torch.Generator().manual_seed(cfg.seed), skip=optimizer.steps) if cfg.sft_coef else None)
@@ -227,7 +270,7 @@ def train(cfg: Config, judge=None):
             t0 = time.time()
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # step k's draws depend on (seed, k) only
             seeds = draw_seeds(harmful, benign, cfg, gen)
-            games, samples, times = play_games(policy, defender, tokenizer, judge, seeds, cfg, gen)
+            games, samples, times = play_games(policy, reference, tokenizer, judge, seeds, cfg, gen)
             release_freed_memory()
             stats = {}
             if samples:

@@ -2,7 +2,8 @@
 
   advantages     game rewards against a baseline (whitening per role, or RLOO over groups of
                  answers to one prompt), plus the KL penalty's return-to-go at its true scale
-  ppo_update     reference and old log-probs, advantages, the PPO clipped loss in micro-batches
+  ppo_update     old log-probs (the sampler's, or recomputed), reference log-probs, advantages, the
+                 PPO clipped loss in micro-batches
   sft_backward   the auxiliary SFT loss on the demos, in micro-batches too
 The maths is in rl.py; the log-probs come from sampler.generation_logprobs.
 """
@@ -40,16 +41,28 @@ def micro_batches(samples, rows, size, min_shared=64):
 
 @torch.no_grad()
 def batch_logprobs(model, samples, micros, pad_id, cfg):
-    """experience_logprobs of every sample, one micro-batch at a time, as one (S, N) tensor.
-
-    The old log-probs use the micro-batches of the update's first pass (bf16 sums depend on the
-    batch shape), so each row is packed the same way and the first ratio is exactly 1.
-    """
+    """experience_logprobs of every sample, one group of rows (`micros`) at a time, as one (S, N) tensor."""
     out = torch.zeros(len(samples), max(len(s.tokens) for s in samples), device=next(model.parameters()).device)
     for rows in micros:
         logp, _ = experience_logprobs(model, [samples[i] for i in rows], pad_id, cfg)
         out[rows, :logp.shape[1]] = logp
     return out
+
+
+def reuses_sampler_logprobs(policy, samples, cfg) -> bool:
+    """Whether the old log-probs are the sampler's own (--old-logprobs; auto: when computing in float32).
+
+    The samples were drawn from softmax(logits / T) of the policy as it is now, which is what the
+    old log-probs are, so the sampler already has them. In float32 its KV-cached decode matches a
+    packed training forward to ~1e-5 (max over tokens: 4e-6 on the tiny test model, 2e-5 on
+    SmolLM2-135M) and the recomputing pass can go. In bf16 the two round differently (up to 0.3 in
+    a token's log-prob on SmolLM2, mean 0.03): the first PPO ratio would be off by that much and
+    clip, so the old log-probs are recomputed in the first pass's own micro-batches, where the
+    ratio is exactly 1. Samples without the sampler's log-probs (built by hand) are recomputed.
+    """
+    if any(s.logprobs is None for s in samples) or cfg.old_logprobs == "recompute":
+        return False
+    return cfg.old_logprobs == "sampler" or next(policy.parameters()).dtype == torch.float32
 
 
 def advantages(samples, old_logp_SN, ref_logp_SN, mask_SN, cfg, gen):
@@ -96,6 +109,9 @@ def advantages(samples, old_logp_SN, ref_logp_SN, mask_SN, cfg, gen):
 def ppo_update(policy, reference, optimizer, samples, pad_id, cfg, gen, demos=None):
     """REINFORCE++ (or RLOO, with groups) with the PPO clip on the attacker and defender samples of one step, together.
 
+    `reference()` is a context manager that yields the KL anchor (the starting model: a frozen copy,
+    or the LoRA policy with its adapters off); it is not called when cfg.kl_beta is 0.
+
     Each epoch shuffles the samples into `minibatches` optimiser steps; each minibatch runs in
     micro-batches (rows of the same role prompt together) whose gradients add up to the minibatch's loss.
     `demos` (with --sft-coef) yields a batch of demonstrations per minibatch for the auxiliary SFT loss.
@@ -106,11 +122,25 @@ def ppo_update(policy, reference, optimizer, samples, pad_id, cfg, gen, demos=No
               for _ in range(cfg.ppo_epochs)]
     first_pass = [micro for minibatch in epochs[0] for micro in minibatch]
     t0 = time.time()
-    ref_logp = batch_logprobs(reference, samples, first_pass, pad_id, cfg)
-    times["t_reference"] = time.time() - t0
-    t0 = time.time()
-    old_logp = batch_logprobs(policy, samples, first_pass, pad_id, cfg)  # the policy before this update
+    from_sampler = reuses_sampler_logprobs(policy, samples, cfg)
+    if from_sampler:
+        old_logp = torch.zeros(len(samples), max(len(s.tokens) for s in samples), device=samples[0].logprobs.device)
+        for i, s in enumerate(samples):
+            old_logp[i, :len(s.tokens)] = s.logprobs
+    else:  # the policy before this update, each row packed as in the first pass (bf16 sums depend on the batch shape)
+        old_logp = batch_logprobs(policy, samples, first_pass, pad_id, cfg)
     times["t_old_logprobs"] = time.time() - t0
+    t0 = time.time()
+    if cfg.kl_beta:
+        # no grad, no activations kept: groups wider than a training micro-batch (fewer, larger
+        # matmuls). Packed unlike the old log-probs, so in bf16 the KL carries rounding noise
+        # (SmolLM2: mean |delta| 0.008 a token, mean delta -0.001; in float32 ~1e-6)
+        with reference() as model:
+            ref_logp = batch_logprobs(model, samples, micro_batches(samples, range(len(samples)), cfg.no_grad_batch),
+                                      pad_id, cfg)
+    else:  # no KL penalty: no reference pass (the logged kl is 0)
+        ref_logp = old_logp
+    times["t_reference"] = time.time() - t0
 
     t0 = time.time()
     mask = torch.zeros_like(old_logp)
@@ -118,6 +148,7 @@ def ppo_update(policy, reference, optimizer, samples, pad_id, cfg, gen, demos=No
         mask[i, :len(s.tokens)] = 1
     advantage, stats = advantages(samples, old_logp, ref_logp, mask, cfg, gen)
     stats["entropy"] = -rl.masked_mean(old_logp, mask).item()  # a sampled token's -log p estimates the entropy
+    stats["old_logprobs_from_sampler"] = int(from_sampler)
 
     policy.train()
     history = []
@@ -141,7 +172,7 @@ def ppo_update(policy, reference, optimizer, samples, pad_id, cfg, gen, demos=No
     times["t_update"] = time.time() - t0
     for key in history[0]:
         stats[key] = sum(h[key] for h in history) / len(history)
-    stats["first_ratio"] = history[0]["ratio_mean"]  # exactly 1: the first minibatch sees the old policy
+    stats["first_ratio"] = history[0]["ratio_mean"]  # 1: the first minibatch sees the old policy (see reuses_sampler_logprobs)
     return stats, times
 
 

@@ -83,7 +83,7 @@ def warm_up(model, tokenizer, cfg, dtype, folder: Path, batch_size=4) -> dict:
         losses.append(loss.item())
     model.eval()
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp, state_dict=optimizer.master_state_dict(model))
+    model.save_pretrained(tmp, state_dict=optimizer.master_state_dict())
     tokenizer.save_pretrained(tmp)
     publish_folder(tmp, folder)
     return {"demos": len(demos), "batches": len(losses), "first_loss": losses[0], "last_loss": losses[-1]}

@@ -126,8 +126,9 @@ def test_merged_weights_make_a_plain_hugging_face_folder(tiny, tmp_path):
 
 
 def test_bf16_model_with_float32_masters_trains_only_the_adapters(tiny, tmp_path):
-    """rl.MixedPrecisionAdamW as it is: float32 masters of every parameter, the model cast to bf16.
-    The adapters compute in bf16 and the frozen weights come through the steps bitwise unchanged."""
+    """rl.MixedPrecisionAdamW with LoRA: float32 masters and Adam state for the adapters only, every
+    parameter cast to bf16. The adapters compute in bf16 and the frozen weights come through the steps
+    bitwise unchanged."""
     from transformers import AutoModelForCausalLM
 
     _, tok = tiny
@@ -135,6 +136,8 @@ def test_bf16_model_with_float32_masters_trains_only_the_adapters(tiny, tmp_path
     model = adapted(tok, perturb=False)
     optimizer = rl.MixedPrecisionAdamW(model, 1e-2, torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert set(optimizer.master_state_dict()) == set(lora.lora_state_dict(model))  # no master of a frozen weight
+    assert all(m.dtype == torch.float32 for m in optimizer.master)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     start = {n: t.clone() for n, t in lora.lora_state_dict(model).items()}
     for _ in range(2):
@@ -146,7 +149,8 @@ def test_bf16_model_with_float32_masters_trains_only_the_adapters(tiny, tmp_path
     with lora.adapters_disabled(model):
         assert logits(model, ids).dtype == torch.bfloat16
     # checkpoint as selfplay would: the float32 masters of the adapters, merged, saved in float32
-    masters = {n: m for n, m in optimizer.master_state_dict(model).items() if n in start}
+    assert set(optimizer.adam.state) == set(optimizer.master)  # Adam state for the adapters only
+    masters = optimizer.master_state_dict()
     merged = lora.merged_state_dict(model, adapters=masters)
     assert all(t.dtype == torch.float32 for t in merged.values())
     assert merged["lm_head.weight"] is merged["model.embed_tokens.weight"]  # still tied: saved once

@@ -117,6 +117,27 @@ def test_sequence_logprobs_equals_full_log_softmax_and_has_gradients(tiny):
     model.zero_grad(set_to_none=True)
 
 
+def test_the_shared_prompt_prefix_gives_the_plain_forwards_log_probs_and_gradients():
+    """The training forward runs the role prompt once per micro-batch (generation_logprobs with a
+    shared prefix); its log-probs and every parameter's gradient are the plain forward's (float32)."""
+    from conftest import make_model, make_tokenizer
+    tok = make_tokenizer()
+    ids, mask = defender_batch(tok, REQUESTS[:3])
+    prompts = [row[m.bool()] for row, m in zip(ids, mask)]
+    assert S.common_prefix_length(prompts) >= 16  # the role prompt: long enough to share
+    gens = [torch.tensor(tok(t)["input_ids"]) for t in (" Sure, here is how.", " No.", " <answer> bread </answer>")]
+    grads, logps = [], []
+    for min_shared in (16, 10**9):  # shared prefix, then plain rows
+        model = make_model(tok)
+        logp, gen_mask = S.generation_logprobs(model, prompts, gens, tok.pad_token_id, 0.7, min_shared=min_shared)
+        (logp * gen_mask * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum().backward()
+        logps.append((logp * gen_mask).detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(logps[0], logps[1], atol=1e-5, rtol=1e-6)
+    for name, g in grads[1].items():  # float32 rounding only: ~1e-6 of the tensor's largest gradient
+        assert (grads[0][name] - g).abs().max() <= 1e-5 * g.abs().max(), name
+
+
 def test_top_p_keeps_the_smallest_nucleus_for_sampling_only():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     kept = S.nucleus(probs, 0.8)
@@ -262,3 +283,45 @@ def test_sampling_draws_on_the_generators_device(monkeypatch):
     monkeypatch.setattr(torch, "rand", strict_rand)
     token, logp = S.sample_next_token(torch.randn(2, 10, device="meta"), 1.0, 0.9, torch.Generator().manual_seed(0))
     assert token.device.type == "meta" and logp.device.type == "meta" and token.shape == (2,)
+
+
+# ---------------------------------------------------------------------------------------------
+# --compile
+
+
+def test_compiled_layers_give_the_same_greedy_tokens():
+    """torch.compile of the layers' MLPs and norms (--compile) changes no token (float32). About 15 s
+    on one thread with a cold inductor cache, most of it compiling."""
+    from conftest import make_model, make_tokenizer
+    tok = make_tokenizer()
+    model = make_model(tok)  # a fresh one: compiling works in place
+    if not S.compiler_works():
+        pytest.skip("torch.compile does not work here")
+    ids, mask = defender_batch(tok)
+    kw = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    eager = greedy(model, ids, mask, 12, **kw)
+    assert S.compile_layers(model)
+    compiled = greedy(model, ids, mask, 12, **kw)
+    assert torch.equal(compiled.tokens, eager.tokens)
+    torch.testing.assert_close(compiled.logprobs, eager.logprobs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("broken", ["no compiler", "compile fails"])
+def test_compile_falls_back_with_one_warning_line(monkeypatch, capsys, broken):
+    from conftest import make_model, make_tokenizer
+    if broken == "no compiler":
+        monkeypatch.setattr(S.shutil, "which", lambda name: None)
+    else:
+        def fail(*a, **k):
+            raise RuntimeError("InductorError: cannot build\nC++ compile error, many lines")
+        monkeypatch.setattr(S.torch, "compile", fail)
+    S.compiler_works.cache_clear()
+    try:
+        tok = make_tokenizer()
+        model = make_model(tok)
+        assert not S.compile_layers(model) and not S.compile_layers(model)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("warning: --compile") and "running uncompiled" in err
+        greedy(model, *defender_batch(tok), 3)  # still runs, uncompiled
+    finally:
+        S.compiler_works.cache_clear()

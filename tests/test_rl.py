@@ -157,3 +157,20 @@ def test_shuffle_within_groups_permutes_within_a_group_and_only_there():
         assert sorted(out[rows].tolist()) == sorted(values[rows].tolist())  # the same rewards, within the group
         assert not torch.equal(out[rows], values[rows])  # really moved
     assert rl.shuffle_within_groups(values, group, torch.Generator().manual_seed(0)).tolist() == out.tolist()
+
+
+def test_masters_keep_the_float32_weights_and_frozen_parameters_get_none():
+    """The masters are the float32 weights themselves (not their bf16 rounding); a frozen parameter
+    (LoRA's base weights) is only cast to the compute dtype: no master, no Adam state."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    model[0].requires_grad_(False)
+    trained = [p.detach().clone() for p in model[1].parameters()]
+    opt = rl.MixedPrecisionAdamW(model, lr=0.1, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert list(opt.master_state_dict()) == ["1.weight", "1.bias"]
+    assert all(torch.equal(m, want) for m, want in zip(opt.master, trained))  # bits below bf16's kept
+    model(torch.randn(2, 8, dtype=torch.bfloat16)).sum().backward()
+    opt.step(grad_clip=1.0)
+    assert set(opt.adam.state) == set(opt.master) and opt.steps == 1
+    assert all(p.grad is None for p in model[0].parameters())

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import lora
 import selfplay as SP
 import update as U
 from conftest import make_model, make_tokenizer
@@ -104,7 +105,7 @@ def test_an_update_makes_rewarded_turns_likelier_and_punished_ones_rarer(whiten)
             logp = U.batch_logprobs(policy, samples, [[i] for i in range(len(samples))], tokenizer.pad_token_id, cfg)
         return [logp[i, :len(s.tokens)].sum().item() for i, s in enumerate(samples)]
     before = logps()
-    stats, _ = U.ppo_update(policy, reference, SP.rl.MixedPrecisionAdamW(policy, cfg.lr), samples,
+    stats, _ = U.ppo_update(policy, lambda: SP.nullcontext(reference), SP.rl.MixedPrecisionAdamW(policy, cfg.lr), samples,
                              tokenizer.pad_token_id, cfg, torch.Generator().manual_seed(0))
     after = logps()
     assert stats["first_ratio"] == pytest.approx(1.0, abs=1e-6)
@@ -174,11 +175,12 @@ def volatile(row):
     return {k: v for k, v in row.items() if not (k.startswith("t_") or k in ("time", "tokens_per_s", "peak_rss_gb"))}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_resume_repeats_the_uninterrupted_run(run_args, dtype):
+@pytest.mark.parametrize("dtype,lora_rank", [("float32", "0"), ("bfloat16", "0"), ("float32", "4"), ("bfloat16", "4")])
+def test_resume_repeats_the_uninterrupted_run(run_args, dtype, lora_rank):
     # bfloat16: the policy computes in bf16 and the checkpoint holds the float32 master weights
     # --sft-coef: the resumed run must also pick up the stream of SFT batches where it stopped
-    flags = ("--dtype", dtype, "--sft-coef", "0.5")
+    # --lora-rank: the resumed run puts the saved adapters back on step_0000, not on the merged checkpoint
+    flags = ("--dtype", dtype, "--sft-coef", "0.5", "--lora-rank", lora_rank)
     whole, _, rows = SP.train(SP.parse_args(run_args("--steps", "3", "--checkpoint-every", "1", *flags, out="whole")),
                               judge=FixedJudge())
     part, _, _ = SP.train(SP.parse_args(run_args("--steps", "1", *flags, out="part")), judge=FixedJudge())
@@ -192,8 +194,33 @@ def test_resume_repeats_the_uninterrupted_run(run_args, dtype):
     assert not (part / "checkpoints/step_0001/trainer_state.pt").exists()  # only the newest keeps the optimiser
 
 
+def test_lora_trains_only_the_adapters_and_checkpoints_a_plain_merged_model(run_args):
+    from transformers import AutoModelForCausalLM
+
+    out, _, rows = SP.train(SP.parse_args(run_args("--steps", "2", "--checkpoint-every", "1", "--lora-rank", "4",
+                                                   "--lora-alpha", "8")), judge=FixedJudge())
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # B = 0: the policy starts at its reference
+    assert rows[1]["kl"] != 0.0  # the reference is the policy with its adapters off, not the policy
+    start, last = weights(out / "checkpoints/step_0000"), weights(out / "checkpoints/step_0002")
+    moved = {k for k in start if not torch.equal(start[k], last[k])}
+    adapted = {k for k in start if k.endswith(tuple(f"{t}.weight" for t in lora.TARGETS))}
+    assert moved == adapted  # every adapted projection, merged, and nothing else (embeddings, norms)
+    state = torch.load(out / "checkpoints/step_0002/trainer_state.pt", weights_only=True)
+    assert len(state["lora"]) == 2 * len(adapted) and all(t.dtype == torch.float32 for t in state["lora"].values())
+    # the checkpoint is a plain Hugging Face model (evaluate.py loads it as any other) equal to the adapted one
+    loaded = AutoModelForCausalLM.from_pretrained(out / "checkpoints/step_0002").eval()
+    assert not lora.lora_layers(loaded)
+    policy = lora.add_lora(AutoModelForCausalLM.from_pretrained(out / "checkpoints/step_0000").eval(), 4, 8)
+    lora.load_lora_state_dict(policy, state["lora"])
+    ids = torch.randint(100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, policy(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("flags,attacker,defender", [
     (["--mode", "attacker_only"], True, False),
+    (["--mode", "attacker_only", "--lora-rank", "2"], True, False),  # the frozen defender: the adapters off
+    (["--kl-beta", "0", "--old-logprobs", "recompute"], True, True),  # no reference model at all
     (["--mode", "defender_only"], False, True),
     (["--no-cot", "--reward-table", "zero_sum"], True, True),
     (["--minibatches", "1"], True, True),
@@ -259,6 +286,10 @@ def test_a_failed_checkpoint_write_is_one_error_and_leaves_the_last_checkpoint(r
     (["--revise-frac", "1.5"], "--revise-frac must be in"),
     (["--group-defender", "0"], "--group-defender must be >= 1"),
     (["--group-attacker", "-1"], "--group-attacker must be >= 1"),
+    (["--lora-rank", "-1"], "--lora-rank must be >= 0"),
+    (["--lora-alpha", "-2"], "--lora-alpha must be >= 0"),
+    (["--no-grad-batch", "0"], "--no-grad-batch must be >= 1"),
+    (["--old-logprobs", "cached"], "--old-logprobs must be one of auto, sampler, recompute"),
     (["--seeds-harmful", "/no/such.jsonl"], "no such prompt file"),
     (["--resume", "/no/such/run"], "no config.json"),
 ])

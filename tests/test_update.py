@@ -1,6 +1,7 @@
 """update.py on a tiny random model: the advantages, the PPO update, the auxiliary SFT loss."""
 import copy
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 import update as U
 from selfplay import Config
 from conftest import make_model, make_tokenizer
-from game import turn_tokens
+from game import turn_experience
 from model import defender_messages, play_turn, render_prompt
 
 ROLE_PROMPT = "A conversation between User and Assistant. The User asks a question and the Assistant answers it. " * 4
@@ -37,8 +38,9 @@ def test_equal_game_rewards_give_no_update_beyond_the_kl_term():
         with torch.no_grad():  # a reference a little off the policy: small KL noise on every token
             for p in reference.parameters():
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 1e-3)
-        stats, _ = U.ppo_update(policy, reference, U.rl.MixedPrecisionAdamW(policy, 1e-4), fixed_samples(tokenizer, rewards),
-                                tokenizer.pad_token_id, cfg, torch.Generator().manual_seed(0))
+        stats, _ = U.ppo_update(policy, lambda: nullcontext(reference), U.rl.MixedPrecisionAdamW(policy, 1e-4),
+                                fixed_samples(tokenizer, rewards), tokenizer.pad_token_id, cfg,
+                                torch.Generator().manual_seed(0))
         assert 0 < abs(stats["kl"]) < 0.1
         norms[name] = stats["grad_norm"]
     assert norms["equal"] < 0.01 * norms["varied"], norms
@@ -52,12 +54,13 @@ def test_top_p_below_one_keeps_the_kl_and_the_update_finite():
     cfg = Config(temperature=0.7, top_p=0.3, minibatches=1, sft_coef=0.0)
     prompts = [render_prompt(tokenizer, defender_messages(q)) for q in ("How do I bake bread?", "Hi.", "Write a poem.")]
     turn = play_turn(policy, tokenizer, prompts, 12, cfg.temperature, cfg.top_p, torch.Generator().manual_seed(0))
-    samples = [U.rl.Experience(U.rl.DEFENDER, *turn_tokens(turn, i), float(i)) for i in range(len(prompts))]
-    samples[0].tokens = samples[0].tokens[:5]  # as if it had stopped early: the other rows are padded after it
+    samples = [turn_experience(turn, i, U.rl.DEFENDER, float(i)) for i in range(len(prompts))]
+    # as if row 0 had stopped early: the other rows are padded after it
+    samples[0].tokens, samples[0].logprobs = samples[0].tokens[:5], samples[0].logprobs[:5]
     ref_logp, mask = U.experience_logprobs(reference, samples, tokenizer.pad_token_id, cfg)
     assert bool(torch.isfinite(ref_logp[mask.bool()]).all())
-    stats, _ = U.ppo_update(policy, reference, U.rl.MixedPrecisionAdamW(policy, 1e-4), samples, tokenizer.pad_token_id,
-                            cfg, torch.Generator().manual_seed(0))
+    stats, _ = U.ppo_update(policy, lambda: nullcontext(reference), U.rl.MixedPrecisionAdamW(policy, 1e-4), samples,
+                            tokenizer.pad_token_id, cfg, torch.Generator().manual_seed(0))
     assert all(math.isfinite(v) for v in stats.values()), stats
     assert stats["first_ratio"] == pytest.approx(1.0, abs=1e-6)
 
@@ -167,3 +170,85 @@ def test_shuffled_rewards_are_permuted_within_each_role():
         rows = torch.tensor(roles) == role
         assert sorted(shuffled[rows, 0].tolist()) == pytest.approx(sorted(plain[rows, 0].tolist()))
         assert not torch.allclose(shuffled[rows], plain[rows])
+
+
+def marked_samples(tokenizer, policy, shift):
+    """fixed_samples carrying "sampler" log-probs `shift` above the policy's own: PPO's first ratio,
+    exp(-shift) or 1, then shows which old log-probs the update used."""
+    samples = fixed_samples(tokenizer, [1.0, -1.0, 0.0] * 3)
+    with torch.no_grad():
+        for s in samples:
+            logp, _ = U.experience_logprobs(policy, [s], tokenizer.pad_token_id, Config(temperature=1.0))
+            s.logprobs = logp[0] + shift
+    return samples
+
+
+@pytest.mark.parametrize("old_logprobs,dtype,from_sampler", [
+    ("sampler", torch.float32, True), ("recompute", torch.float32, False),
+    ("auto", torch.float32, True), ("auto", torch.bfloat16, False), ("sampler", torch.bfloat16, True)])
+def test_the_old_log_probs_are_the_samplers_or_recomputed(old_logprobs, dtype, from_sampler):
+    tokenizer = make_tokenizer()
+    policy = make_model(tokenizer)
+    samples = marked_samples(tokenizer, policy, shift=0.1)
+    optimizer = U.rl.MixedPrecisionAdamW(policy, 1e-4, dtype)
+    cfg = Config(old_logprobs=old_logprobs, kl_beta=0.0, minibatches=1, temperature=1.0, sft_coef=0.0)
+    stats, times = U.ppo_update(policy, None, optimizer, samples, tokenizer.pad_token_id, cfg,
+                                torch.Generator().manual_seed(0))
+    assert stats["old_logprobs_from_sampler"] == int(from_sampler)
+    if from_sampler and dtype == torch.float32:
+        assert stats["first_ratio"] == pytest.approx(math.exp(-0.1), abs=1e-5)
+    if not from_sampler:  # recomputed as the first pass packs its rows: exactly the first forward's, bf16 too
+        assert stats["first_ratio"] == 1.0 and stats["clip_frac"] == 0.0
+    assert times["t_reference"] < 0.05  # kl_beta 0: no reference pass (and `reference` is None)
+
+
+def test_samples_without_the_samplers_log_probs_are_recomputed():
+    tokenizer = make_tokenizer()
+    policy = make_model(tokenizer)
+    cfg = Config(old_logprobs="sampler", kl_beta=0.0, temperature=1.0, sft_coef=0.0)
+    stats, _ = U.ppo_update(policy, None, U.rl.MixedPrecisionAdamW(policy, 1e-4), fixed_samples(tokenizer, [1.0, -1.0, 0.0] * 3),
+                            tokenizer.pad_token_id, cfg, torch.Generator().manual_seed(0))
+    assert stats["old_logprobs_from_sampler"] == 0 and stats["first_ratio"] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("no_grad_batch,widths", [(16, [9]), (4, [4, 4, 1])])
+def test_the_reference_pass_is_wider_than_a_micro_batch_and_skipped_without_kl(monkeypatch, no_grad_batch, widths):
+    """Nine rows of one role prompt: the training micro-batches hold 2 rows, the reference pass up to
+    no_grad_batch (no activations kept); with kl_beta 0 the reference is never asked for."""
+    tokenizer = make_tokenizer()
+    policy, reference = make_model(tokenizer), make_model(tokenizer, seed=1).requires_grad_(False)
+    rows_per_pass = {}
+    real = U.experience_logprobs
+
+    def spy(model, samples, pad_id, cfg):
+        rows_per_pass.setdefault("reference" if model is reference else "policy", []).append(len(samples))
+        return real(model, samples, pad_id, cfg)
+    monkeypatch.setattr(U, "experience_logprobs", spy)
+    asked = []
+
+    def reference_context():
+        asked.append(1)
+        return nullcontext(reference)
+    for kl_beta in (0.0, 0.01):
+        cfg = Config(kl_beta=kl_beta, micro_batch_size=2, no_grad_batch=no_grad_batch, minibatches=1, sft_coef=0.0)
+        stats, _ = U.ppo_update(policy, reference_context, U.rl.MixedPrecisionAdamW(policy, 1e-4),
+                                marked_samples(tokenizer, policy, shift=0.0), tokenizer.pad_token_id, cfg,
+                                torch.Generator().manual_seed(0))
+        assert len(asked) == (1 if kl_beta else 0) and (stats["kl"] != 0.0) == bool(kl_beta)
+    assert rows_per_pass["reference"] == widths
+    assert max(rows_per_pass["policy"]) == 2  # the training micro-batches (old log-probs from the sampler)
+
+
+def test_with_lora_the_first_kl_is_exactly_zero_and_the_reference_is_the_adapters_off():
+    """B = 0: the adapted policy is its reference bit for bit (old and reference rows packed alike:
+    one minibatch, groups as wide as the no-grad ones). After one step the adapters-off reference differs."""
+    import lora
+    tokenizer = make_tokenizer()
+    policy = lora.add_lora(make_model(tokenizer), 4)
+    samples = fixed_samples(tokenizer, [1.0, -1.0, 0.0] * 3)
+    cfg = Config(kl_beta=0.01, old_logprobs="recompute", minibatches=1, micro_batch_size=16, no_grad_batch=16,
+                 temperature=1.0, sft_coef=0.0)
+    optimizer = U.rl.MixedPrecisionAdamW(policy, 1e-2)
+    kls = [U.ppo_update(policy, lambda: lora.adapters_disabled(policy), optimizer, samples, tokenizer.pad_token_id, cfg,
+                        torch.Generator().manual_seed(step))[0]["kl"] for step in range(2)]
+    assert kls[0] == 0.0 and kls[1] != 0.0
