@@ -10,7 +10,11 @@ token, and times both when rows stop at their own EOS (our sampler drops finishe
 
 `--selfplay-steps N` instead times N steps of the default self-play run (selfplay.py, default
 settings, `--batch` seeds per step) in a temporary folder and prints each part of a step:
-attacker and defender generation, judging, reference and old log-probs, the PPO update.
+attacker and defender generation, judging, reference and old log-probs, the PPO update, and the
+peak memory. selfplay.py flags go after `--`, so two settings compare with one command each:
+
+    python bench.py --selfplay-steps 3 --batch 16
+    python bench.py --selfplay-steps 3 --batch 16 -- --lora-rank 16
 
 The last line printed is one JSON object with every number.
 """
@@ -19,6 +23,7 @@ import json
 import os
 import platform
 import resource
+import sys
 import tempfile
 import time
 
@@ -93,27 +98,33 @@ def measure_load(measure_conversion):
     return model, tokenizer, result
 
 
-def bench_selfplay(steps, batch):
+def bench_selfplay(steps, batch, flags=()):
     """Mean seconds of each part of a self-play step over steps 2..N (step 1 pays one-off costs),
-    and the peak resident memory of the whole run (warm-up cached beforehand)."""
+    and the peak resident memory of the whole run (warm-up cached beforehand). `flags` are more
+    selfplay.py flags (e.g. --lora-rank 16); they win over the ones set here."""
     import selfplay as SP
     with tempfile.TemporaryDirectory() as tmp:
         _, _, rows = SP.train(SP.parse_args(["--out", tmp, "--steps", str(steps), "--batch-size", str(batch),
-                                             "--checkpoint-every", str(steps)]))
+                                             "--checkpoint-every", str(steps), *flags]))
     timed = rows[1:] or rows
     parts = ["t_attacker", "t_defender", "t_judge", "t_reference", "t_old_logprobs", "t_update", "t_step"]
     result = {k: round(sum(r[k] for r in timed) / len(timed), 2) for k in parts}
     result.update(batch=batch, steps=steps, samples_per_step=round(sum(r["samples"] for r in timed) / len(timed), 1),
                   tokens_per_s=round(sum(r["tokens_per_s"] for r in timed) / len(timed), 1),
                   peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-                  threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine())
-    print(f"self-play, batch {batch}, mean of steps 2..{steps}:")
+                  selfplay_flags=" ".join(flags), threads=torch.get_num_threads(),
+                  cpu=platform.processor() or platform.machine())
+    if torch.cuda.is_available():
+        result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    print(f"self-play, batch {batch}{', ' + ' '.join(flags) if flags else ''}, mean of steps 2..{steps}:")
     for k in parts:
         print(f"  {k[2:]:<16}{result[k]:>8.2f} s")
     print(json.dumps(result))
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    argv, selfplay_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8, help="prompts per batch (default 8)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per row (default 128)")
@@ -126,9 +137,11 @@ def main():
     p.add_argument("--measure-conversion", action="store_true", help="also time the first-time GGUF conversion (~20 s)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--selfplay-steps", type=int, default=0, help="time this many self-play steps instead (see above)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if selfplay_flags and not args.selfplay_steps:
+        raise M.UserError("flags after -- are selfplay.py's: use them with --selfplay-steps N")
     if args.selfplay_steps:
-        return bench_selfplay(args.selfplay_steps, args.batch)
+        return bench_selfplay(args.selfplay_steps, args.batch, selfplay_flags)
     if args.batch < 1 or args.new_tokens < 1 or args.repeats < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise M.UserError("--batch, --new-tokens and --repeats must be >= 1, --temperature >= 0, 0 < --top-p <= 1")
 
