@@ -314,7 +314,7 @@ def compile_layers(model) -> bool:
     square-mean-scale) around the matmuls, for the sampler's decode steps and the training and
     no-grad forwards alike (bench.py --selfplay-steps N -- --compile measures what it buys). Whole layers compile badly: the cache's Python state
     (layer index, fill level) made every layer and step a recompile. The layers share one code path,
-    so one compiled graph serves them all (a few more for batch 1, grad on and off).
+    so each compiled graph serves them all.
     Returns whether it compiled: without a working C++ compiler it prints one warning line and the
     model stays as it was; a later failure on some input shape runs that call uncompiled.
     """
@@ -327,6 +327,9 @@ def compile_layers(model) -> bool:
               file=sys.stderr)
         return False
     torch._dynamo.config.suppress_errors = True  # a graph that will not compile falls back to eager
+    # one graph per variant: batch 1 (the shared prefix) or more, sampling (inference mode), no-grad
+    # and training passes, LoRA adapters on and off; past the limit (8) dynamo would go eager with a warning
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for part in parts:
         part.compile(dynamic=True)
     return True

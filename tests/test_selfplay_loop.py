@@ -217,6 +217,17 @@ def test_lora_trains_only_the_adapters_and_checkpoints_a_plain_merged_model(run_
         torch.testing.assert_close(loaded(input_ids=ids).logits, policy(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # ~1 min on one thread with a cold inductor cache, most of it compiling
+def test_compiled_layers_train_as_the_uncompiled_ones(run_args):
+    """--compile with LoRA (adapters on for the policy, off for the reference): the same steps (float32)."""
+    flags = ("--steps", "2", "--lora-rank", "2")
+    _, _, plain = SP.train(SP.parse_args(run_args(*flags, out="plain")), judge=FixedJudge())
+    _, _, compiled = SP.train(SP.parse_args(run_args(*flags, "--compile", out="compiled")), judge=FixedJudge())
+    for a, b in zip(plain, compiled):
+        for key in ("reward_attacker", "reward_defender", "kl", "loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], abs=1e-4), key
+
+
 @pytest.mark.parametrize("flags,attacker,defender", [
     (["--mode", "attacker_only"], True, False),
     (["--mode", "attacker_only", "--lora-rank", "2"], True, False),  # the frozen defender: the adapters off
