@@ -130,6 +130,8 @@ def check_config(cfg: Config):
             raise UserError(f"--{name} must be > 0")
     if cfg.group_attacker > 1 and cfg.mode == "defender_only":
         raise UserError("--group-attacker > 1 needs an attacker: not with --mode defender_only")
+    if cfg.lora_alpha and not cfg.lora_rank:
+        raise UserError("--lora-alpha needs --lora-rank > 0")
     if cfg.pg_coef == 0 and cfg.sft_coef == 0:
         raise UserError("--pg-coef 0 needs --sft-coef > 0 (nothing would train)")
     for name in ("kl_beta", "sft_coef", "pg_coef", "warmup_epochs", "warmup_demos", "warmup_lr", "lora_rank", "lora_alpha"):
