@@ -1,12 +1,29 @@
-"""Training the default judge: the project's labelled examples and the fine-tuning loop.
+"""Training the default judge: labelled answers of real chat models plus the project's own rows.
 
-judge.py loads the result; this file makes it, once, at first use: all-MiniLM-L6-v2 and three
-logistic heads fine-tuned with binary cross-entropy on data/judge/train.jsonl plus the training
-seeds and warm-up demonstrations, then cached under a key of the data and the settings.
+    python judge_train.py --data ../shared/judge-data --out weights/judge-minilm-lora.safetensors
+
+What it trains: all-MiniLM-L6-v2 (the bundled sentence encoder) with low-rank adapters (lora.py)
+on every attention and feed-forward projection of its top `adapted_layers` layers, and three
+logistic heads. The encoder's own weights stay as the package ships them, so what training produced fits in a small safetensors file
+(adapters + heads, ~1.3 MB) that judge.py loads over the installed encoder, offline.
+
+The data (every file in the same schema: `prompt`, `response` or null, and the three labels
+`prompt_harmful`, `response_refusal`, `response_harmful` as true/false/null):
+  --data DIR        every *.jsonl directly in DIR (../shared/judge-data: public answers of real
+                    chat models with human harm labels; its README gives sources and licences)
+  --data FILE       one labelled file of your own (repeatable)
+  project rows      data/judge/train*.jsonl, the training seeds and the demonstrations (always,
+                    unless --no-project-data): they cover what the public rows lack, refusals
+                    without stock phrases, over-refusals of benign prompts, a 135M model's
+                    confused answers.
+Every source is split **by prompt** into train and dev (a hash of the prompt text, so a prompt
+never sits on both sides); the project's dev rows are its own data/judge/heldout*.jsonl files.
+A null label is masked out of the loss; each head's two classes get equal total weight, since
+most sources are one-sided (every gptfuzz prompt is harmful, every red_instruct prompt too).
 """
+import argparse
 import hashlib
 import json
-import os
 import random
 import sys
 import time
@@ -15,46 +32,60 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from judge import HERE, EncoderJudge, load_encoder, read_jsonl
-from model import cache_dir, cpu_has_bf16, publish_folder
+from judge import WEIGHTS, EncoderJudge, fixed_file_numbers, load_encoder, save_judge
+from judge_data import LABELS, read_sources, split
+from model import UserError, cpu_has_bf16, exit_on_user_error
 
-TRAIN_CONFIG = dict(epochs=3, batch_size=16, lr=5e-5, head_lr=1e-3, max_len=256, seed=0)
-# the labelled files the training examples come from (judge_training_examples adds seeds and demos)
-LABELLED_FILES = ("data/judge/train.jsonl", "data/judge/train_weak_a.jsonl", "data/judge/train_weak_b.jsonl",
-                  "data/judge/train_policy_games.jsonl")
-# the policy's games train only the response heads: their prompts are mostly garbled attacker
-# rewrites, whose harmful-or-not labels are too ambiguous to teach the prompt head
-RESPONSE_LABELS_ONLY = ("data/judge/train_policy_games.jsonl",)
-HELD_OUT_FILES = ("data/judge/heldout.jsonl", "data/judge/heldout_weak.jsonl", "data/judge/heldout_policy_games.jsonl",
-                  "data/judge/heldout_context.jsonl")
+TRAIN_CONFIG = dict(epochs=2, batch_size=16, lr=5e-4, head_lr=2e-3, rank=16, adapted_layers=3, max_len=320,
+                    answers_per_prompt=30, project_weight=3.0, seed=0)
 
 
-def judge_training_examples():
-    """(prompt, response or None, targets) from the project's own data only.
+def examples_of(rows, answers_per_prompt=0, seed=0, project_weight=1.0):
+    """(prompt, response or None, targets, weight) training examples; targets hold 0/1/None per label.
 
-    targets holds the three labels as 0/1, None where unknown. A prompt-only example trains the
-    prompt head; a (prompt, response) example trains the two response heads. data/judge/train*.jsonl
-    gives all three labels; the training seeds and the warm-up demonstrations add prompt labels
-    (their file says harmful or benign) and defender responses (a demo refuses a harmful request
-    and helps with a benign one, harmlessly). Prompts held out for the accuracy report are removed.
+    The prompt head reads the prompt alone: one example per distinct labelled prompt. The response
+    heads read the pair; a prompt keeps at most `answers_per_prompt` answers (0: all), drawn at
+    random: gptfuzz has ~60 answers to each of its questions, the same jailbreak personas again
+    and again, and they would cost most of the training time. The project's own rows weigh
+    `project_weight` in the loss: they are few (~1,100 pairs against ~4,000 public ones) and the
+    only ones in the policy's own style (its incoherent answers must not read as refusals).
     """
-    examples = []
-    for f in LABELLED_FILES:
-        for row in read_jsonl(HERE / f):
-            if f not in RESPONSE_LABELS_ONLY:
-                examples.append((row["prompt"], None, (row["prompt_harmful"], None, None)))
-            if row["response"] is not None:
-                examples.append((row["prompt"], row["response"], (None, row["response_refusal"], row["response_harmful"])))
-    for name, label in (("harmful_train", 1), ("benign_train", 0)):
-        examples += [(row["prompt"], None, (label, None, None)) for row in read_jsonl(HERE / f"data/seeds/{name}.jsonl")]
-    for row in read_jsonl(HERE / "data/demos/defender.jsonl"):
-        harmful = int(row["type"] == "harmful")
-        examples += [(row["prompt"], None, (harmful, None, None)), (row["prompt"], row["answer"], (None, harmful, 0))]
-    for row in read_jsonl(HERE / "data/demos/attacker.jsonl"):  # adversarial rewrites keep the seed's intent
-        examples.append((row["answer"], None, (int(row["seed_type"] == "harmful"), None, None)))
-    # the data files were written separately: keep any prompt that is also held out out of training
-    held_out = {row["prompt"] for f in HELD_OUT_FILES for row in read_jsonl(HERE / f)}
-    return [e for e in examples if e[0] not in held_out]
+    rows = rows[:]
+    random.Random(seed).shuffle(rows)
+    examples, seen, answers = [], set(), {}
+    for r in rows:
+        w = project_weight if r["source"] == "project" else 1.0
+        if r["prompt_harmful"] is not None and r["prompt"] not in seen:
+            seen.add(r["prompt"])
+            examples.append((r["prompt"], None, (int(r["prompt_harmful"]), None, None), w))
+        if r["response"] is not None and (r["response_refusal"] is not None or r["response_harmful"] is not None):
+            answers[r["prompt"]] = answers.get(r["prompt"], 0) + 1
+            if answers_per_prompt and answers[r["prompt"]] > answers_per_prompt:
+                continue
+            examples.append((r["prompt"], r["response"], (None, *(None if r[k] is None else int(r[k]) for k in LABELS[1:])), w))
+    return examples
+
+
+def class_weights(examples) -> torch.Tensor:
+    """(2, 3): the loss weight of a 0 and of a 1 target for each head, so both classes weigh the same."""
+    counts = torch.zeros(2, len(LABELS))
+    for _, _, targets, _ in examples:
+        for k, t in enumerate(targets):
+            if t is not None:
+                counts[t, k] += 1
+    return counts.sum(0) / (2 * counts.clamp(min=1))
+
+
+def masked_loss(logits, targets, weight, example_weight=None) -> torch.Tensor:
+    """Summed class-weighted binary cross-entropy of (n, 3) logits over the labels that are known:
+    a None target adds nothing, so an unlabelled head is never pushed either way. `example_weight`
+    (n,) scales each example's terms."""
+    known = torch.tensor([[t is not None for t in ts] for ts in targets])
+    target = torch.tensor([[float(t or 0) for t in ts] for ts in targets])
+    w = torch.where(target.bool(), weight[1], weight[0])
+    if example_weight is not None:
+        w = w * torch.as_tensor(example_weight, dtype=w.dtype)[:, None]
+    return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * w)[known].sum()
 
 
 def length_bucketed_batches(examples, batch_size, rng, bucket=32):
@@ -69,69 +100,88 @@ def length_bucketed_batches(examples, batch_size, rng, bucket=32):
     return batches
 
 
-def train_encoder_judge(encoder, tokenizer, examples, epochs, batch_size, lr, head_lr, max_len, seed, progress=True):
-    """Fine-tune encoder + heads with binary cross-entropy on the known labels of each example.
+def train_encoder_judge(encoder, tokenizer, examples, epochs, batch_size, lr, head_lr, rank, adapted_layers, max_len,
+                        seed, progress=True) -> EncoderJudge:
+    """Fit adapters + heads with class-weighted binary cross-entropy on the known labels.
 
-    On CPUs with bfloat16 support the forward runs under bf16 autocast (about twice as fast);
-    the weights and the optimiser stay in float32.
+    The forward runs under bf16 autocast on CPUs with bf16 support (about twice as fast); the
+    trained weights and the optimiser stay in float32.
     """
     from tqdm import tqdm
     torch.manual_seed(seed)
-    judge = EncoderJudge(encoder, tokenizer, max_len).train()
-    # the word embeddings (half of the 22M parameters) stay as pre-trained: faster, and words
-    # unseen in our few hundred examples keep their meaning
-    judge.encoder.get_input_embeddings().weight.requires_grad_(False)
-    optimizer = torch.optim.AdamW([{"params": [p for p in judge.encoder.parameters() if p.requires_grad], "lr": lr},
-                                   {"params": judge.heads.parameters(), "lr": head_lr}], weight_decay=0.01)
+    judge = EncoderJudge(encoder, tokenizer, max_len, rank, adapted_layers).train()
+    weight = class_weights(examples)
+    optimizer = torch.optim.AdamW([{"params": judge.adapter_parameters(), "lr": lr},
+                                   {"params": judge.heads.parameters(), "lr": head_lr}], weight_decay=0.0)
     rng = random.Random(seed)
     epoch_batches = [length_bucketed_batches(examples, batch_size, rng) for _ in range(epochs)]
     steps = sum(map(len, epoch_batches))
-    warmup = max(1, steps // 10)
+    warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, (steps - s) / (steps - warmup)))
-    bar = tqdm(total=steps, desc="training the default judge (once)", disable=not progress, file=sys.stderr,
-               mininterval=1.0)
-    for batches in epoch_batches:
-        for batch in batches:
-            loss = torch.zeros(())
-            # prompt-only and (prompt, response) examples go through the encoder separately
-            for with_response in (False, True):
-                part = [e for e in batch if (e[1] is not None) == with_response]
-                if not part:
-                    continue
-                prompts, responses, targets = zip(*part)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_bf16()):
-                    emb = judge.embed(list(prompts), list(responses) if with_response else None)
-                logits = judge.heads(emb.float())  # (n, 3)
-                known = torch.tensor([[t is not None for t in ts] for ts in targets])
-                target = torch.tensor([[float(t or 0) for t in ts] for ts in targets])
-                loss = loss + F.binary_cross_entropy_with_logits(logits[known], target[known], reduction="sum") / len(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(judge.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar = tqdm(total=steps, desc="training the judge", disable=not progress, file=sys.stderr, mininterval=2.0)
+    for batch in (b for batches in epoch_batches for b in batches):
+        loss = torch.zeros(())
+        for with_response in (False, True):  # prompt-only and (prompt, response) examples run apart
+            part = [e for e in batch if (e[1] is not None) == with_response]
+            if not part:
+                continue
+            prompts, responses, targets, example_weight = zip(*part)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_bf16()):
+                emb = judge.embed(list(prompts), list(responses) if with_response else None)
+            loss = loss + masked_loss(judge.heads(emb.float()), targets, weight, example_weight) / len(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(judge.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     return judge.eval()
 
 
-def default_judge_folder() -> Path:
-    """Cache folder keyed by the training examples and settings: new data means a new judge."""
-    h = hashlib.sha1(json.dumps(TRAIN_CONFIG, sort_keys=True).encode())
-    h.update(json.dumps(judge_training_examples()).encode())
-    return cache_dir() / f"judge-minilm-{h.hexdigest()[:10]}"
+def data_fingerprint(rows) -> str:
+    h = hashlib.sha1()
+    for r in rows:
+        h.update(json.dumps([r["prompt"], r["response"], *(r[k] for k in LABELS)]).encode())
+    return h.hexdigest()[:12]
 
 
-def train_default_judge(folder: Path, progress=True):
-    """Train the default judge on the project's data and save it in `folder` (atomically)."""
-    encoder, tokenizer = load_encoder()
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Train the default judge (adapters + heads over all-MiniLM-L6-v2).")
+    p.add_argument("--data", action="append", required=True,
+                   help="a folder of labelled *.jsonl files (e.g. ../shared/judge-data) or one file; repeatable")
+    p.add_argument("--out", default=str(WEIGHTS), help="the safetensors file to write")
+    p.add_argument("--no-project-data", dest="project", action="store_false", help="train on --data alone")
+    p.add_argument("--encoder", help="a BERT-style encoder folder (default: the installed all-MiniLM-L6-v2)")
+    p.add_argument("--limit", type=int, default=0, help="train on a random N examples (a quick check)")
+    for key, value in TRAIN_CONFIG.items():
+        p.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+    args = p.parse_args(argv)
+    config = {k: getattr(args, k) for k in TRAIN_CONFIG}
+    if min(args.epochs, args.batch_size, args.rank, args.adapted_layers, args.max_len) < 1 or args.limit < 0:
+        raise UserError("--epochs, --batch-size, --rank, --adapted-layers and --max-len must be >= 1, --limit >= 0")
+    out = Path(args.out)
+    if not out.resolve().parent.is_dir():
+        raise UserError(f"the output folder does not exist: {out.parent}")
+    train_rows, dev_rows = split(read_sources(args.data), args.project)
+    examples = examples_of(train_rows, args.answers_per_prompt, args.seed, args.project_weight)
+    if args.limit:
+        examples = random.Random(0).sample(examples, min(args.limit, len(examples)))
+    if not examples:
+        raise UserError("no labelled examples in --data")
+    print(f"{len(examples)} training examples ({sum(e[1] is None for e in examples)} prompts alone), "
+          f"{len(dev_rows)} dev rows held out", file=sys.stderr)
     t0 = time.time()
-    judge = train_encoder_judge(encoder, tokenizer, judge_training_examples(), progress=progress, **TRAIN_CONFIG)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    judge.encoder.save_pretrained(tmp)
-    judge.tokenizer.save_pretrained(tmp)
-    torch.save({"heads": judge.heads.state_dict(), "max_len": judge.max_len,
-                "train_seconds": round(time.time() - t0, 1)}, tmp / "heads.pt")
-    publish_folder(tmp, folder)
-    print(f"trained the default judge in {time.time() - t0:.0f} s; cached in {folder}", file=sys.stderr)
+    encoder, tokenizer = load_encoder(args.encoder)
+    judge = train_encoder_judge(encoder, tokenizer, examples, progress=True,
+                                **{k: v for k, v in config.items() if k not in ("answers_per_prompt", "project_weight")})
+    seconds = round(time.time() - t0)
+    save_judge(judge, out, {"encoder": args.encoder or "all-MiniLM-L6-v2", "train_config": config, "train_seconds": seconds, "data": data_fingerprint(train_rows),
+                            "examples": len(examples), "torch_threads": torch.get_num_threads(),
+                            "fixed_file": fixed_file_numbers(judge)})
+    print(f"trained in {seconds} s on {torch.get_num_threads()} threads -> {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
