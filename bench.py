@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 
 import model as M
 import sampler as S
+from common import UserError, exit_on_user_error, peak_rss_gb, read_prompt_file, resolve_device
 
 SEEDS = ["data/seeds/harmful_train.jsonl", "data/seeds/benign_train.jsonl"]
 
@@ -39,7 +39,7 @@ SEEDS = ["data/seeds/harmful_train.jsonl", "data/seeds/benign_train.jsonl"]
 def bench_prompts(tokenizer, batch):
     """Defender prompts of different lengths: the project's training seeds, harmful and benign."""
     here = os.path.dirname(os.path.abspath(__file__))
-    rows = [[json.loads(line)["prompt"] for line in open(os.path.join(here, f))] for f in SEEDS]
+    rows = [read_prompt_file(os.path.join(here, f)) for f in SEEDS]
     requests = [rows[i % 2][i // 2] for i in range(batch)]
     return [M.render_prompt(tokenizer, M.defender_messages(r)) for r in requests]
 
@@ -111,7 +111,7 @@ def bench_selfplay(steps, batch, flags=()):
     result = {k: round(sum(r[k] for r in timed) / len(timed), 2) for k in parts}
     result.update(batch=batch, steps=steps, samples_per_step=round(sum(r["samples"] for r in timed) / len(timed), 1),
                   tokens_per_s=round(sum(r["tokens_per_s"] for r in timed) / len(timed), 1),
-                  peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+                  peak_rss_gb=round(peak_rss_gb(), 2),
                   selfplay_flags=" ".join(flags), threads=torch.get_num_threads(),
                   cpu=platform.processor() or platform.machine())
     if torch.cuda.is_available():
@@ -139,15 +139,15 @@ def main(argv=None):
     p.add_argument("--selfplay-steps", type=int, default=0, help="time this many self-play steps instead (see above)")
     args = p.parse_args(argv)
     if selfplay_flags and not args.selfplay_steps:
-        raise M.UserError("flags after -- are selfplay.py's: use them with --selfplay-steps N")
+        raise UserError("flags after -- are selfplay.py's: use them with --selfplay-steps N")
     if args.selfplay_steps:
         return bench_selfplay(args.selfplay_steps, args.batch, selfplay_flags)
     if args.batch < 1 or args.new_tokens < 1 or args.repeats < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise M.UserError("--batch, --new-tokens and --repeats must be >= 1, --temperature >= 0, 0 < --top-p <= 1")
+        raise UserError("--batch, --new-tokens and --repeats must be >= 1, --temperature >= 0, 0 < --top-p <= 1")
 
     import transformers  # noqa: F401  (imported before timing the load: the import itself takes ~2 s)
     model, tokenizer, load = measure_load(args.measure_conversion)
-    device = args.device or M.default_device()
+    device = resolve_device(args.device)
     model = model.to(device=device, dtype=getattr(torch, args.dtype))
     ids, mask = M.encode_prompts(tokenizer, bench_prompts(tokenizer, args.batch), device)
     B, N, T, top_p = args.batch, args.new_tokens, args.temperature, args.top_p
@@ -182,6 +182,7 @@ def main(argv=None):
                                "generate": lambda: hf_generate(model, ids, mask, N, 0.0, 1.0, eos, pad)}, args.repeats)
     t_greedy, t_greedy_hf = greedy_times["sampler"], greedy_times["generate"]
 
+    shared = S.common_prefix_length([row[m.bool()] for row, m in zip(ids, mask)])  # prefilled once
     tok_s = {k: round(B * N / t, 1) for k, t in times.items()}
     print(f"\nbatch {B}, prompt lengths {int(mask.sum(1).min())}-{ids.shape[1]}, {N} new tokens, "
           f"{args.dtype}, T={T}, top_p={top_p}, {device}, {torch.get_num_threads()} threads")
@@ -192,7 +193,7 @@ def main(argv=None):
     print(f"{'greedy, EOS on: sampler':<28}{t_greedy:>10.2f}{greedy_tokens / t_greedy:>12.1f}{greedy_ratio:>13.2f}x")
     print(f"{'greedy, EOS on: generate':<28}{t_greedy_hf:>10.2f}{reference_tokens / t_greedy_hf:>12.1f}{1:>13.2f}x")
     print(f"greedy tokens equal generate's: {greedy_match} (plain prefill: {greedy_match_plain}); "
-          f"shared prompt prefix: {S.shared_prefix_length(ids, mask)} tokens; model load from cache: {load['cached_load_s']} s")
+          f"shared prompt prefix: {shared} tokens; model load from cache: {load['cached_load_s']} s")
 
     result = {
         "sampler_tok_s": tok_s["sampler"], "hf_generate_tok_s": tok_s["hf_generate"],
@@ -204,11 +205,11 @@ def main(argv=None):
         "greedy_eos_hf_generate_tok_s": round(reference_tokens / t_greedy_hf, 1),
         "batch": B, "new_tokens": N, "dtype": args.dtype, "device": device, "temperature": T, "top_p": top_p,
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mb": round(peak_rss_gb() * 1024),
         **load,
     }
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    M.exit_on_user_error(main)
+    exit_on_user_error(main)

@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
-from judge import keyword_refusal, load_encoder, load_judge, mean_pool, to_labels, write_jsonl_atomic
-from model import (UserError, attacker_messages, cpu_has_bf16, default_device, defender_messages, exit_on_user_error,
-                   load_policy, play_turn, read_prompt_file, render_prompt)
+from common import (UserError, exit_on_user_error, read_prompt_file, resolve_device, resolve_dtype, save_figure,
+                    write_jsonl, write_text)
+from judge import keyword_refusal, label_words, load_encoder, load_judge, sentence_embedding, to_labels
+from model import attacker_messages, defender_messages, load_policy, play_turn, render_prompt
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_HARMFUL = HERE / "data/seeds/harmful_heldout.jsonl"
@@ -50,7 +51,7 @@ def sentence_embeddings(texts, encoder=None, tokenizer=None, batch_size=64):
     rows = []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(texts[i:i + batch_size], truncation=True, max_length=256, padding=True, return_tensors="pt")
-        rows.append(torch.nn.functional.normalize(mean_pool(encoder(**enc).last_hidden_state, enc["attention_mask"]), dim=-1))
+        rows.append(torch.nn.functional.normalize(sentence_embedding(encoder, **enc), dim=-1))
     return torch.cat(rows)
 
 
@@ -148,17 +149,17 @@ def sampled_rate(rows, cond):
 
 
 def refused(r):
-    return r["labels"]["refusal"] == "refusal"
+    return r["labels"]["response_refusal"] is True  # None (not judged) is neither a refusal nor a compliance
 
 
 def complied(r):
-    return r["labels"]["refusal"] == "compliance"
+    return r["labels"]["response_refusal"] is False
 
 
 def defender_metrics(rows, kind, cot):
     """The rates of one prompt set from its judged generations (greedy rows; sampled ones for *_sampled)."""
     greedy, sampled = [r for r in rows if r["sample"] is None], [r for r in rows if r["sample"] is not None]
-    m = {"harmful_asr": rate(greedy, lambda r: r["labels"]["response"] == "harmful")} if kind == "harmful" else {}
+    m = {"harmful_asr": rate(greedy, lambda r: r["labels"]["response_harmful"] is True)} if kind == "harmful" else {}
     key, cond = ("harmful_refusal_rate", refused) if kind == "harmful" else ("benign_compliance_rate", complied)
     m[key] = rate(greedy, cond)
     if sampled:
@@ -216,7 +217,7 @@ def evaluate_attacker(model, tokenizer, judge, seeds, args, policy_name, encoder
     return {
         "attack_sbert_diversity": sbert_diversity(texts, *encoder) if len(texts) > 1 else None,
         "attack_selfbleu_diversity": selfbleu_diversity(texts) if len(texts) > 1 else None,
-        "revision_faithfulness": rate(rows, lambda r: r["labels"]["prompt"] == "harmful"),
+        "revision_faithfulness": rate(rows, lambda r: r["labels"]["prompt_harmful"] is True),
         "attack_success_rate": metrics["harmful_asr"],
         "attacker_format_valid_rate": rate(rows, lambda r: r["attacker_format_ok"]) if args.cot else None,
     }, rows
@@ -298,16 +299,7 @@ def bar_chart(report, path):
         ax.set_title(set_name, fontsize=9)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def write_text_atomic(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def parse_args(argv=None):
@@ -351,8 +343,8 @@ def run(args, judge=None, encoder=None):
     sets = prompt_sets(harmful, benign, args.limit)  # bad files fail here, before any model loads
     gap_pairs = list(zip([s for s, kind, _ in sets if kind == "harmful"], [s for s, kind, _ in sets if kind == "benign"]))
     seeds = [] if args.no_attacker else read_prompt_file(args.attack_seeds or DEFAULT_HARMFUL, "harmful")[:args.limit or None]
-    device = default_device()
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" or cpu_has_bf16() else "float32")
+    device = resolve_device()
+    dtype = str(resolve_dtype(args.dtype, device)).removeprefix("torch.")  # a name: it goes into report.json
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").unlink(missing_ok=True)  # an old report must not pass for this evaluation's
@@ -383,14 +375,14 @@ def run(args, judge=None, encoder=None):
         print(f"{name}: {result['seconds']:.0f} s")
         del model
     report["seconds"] = round(time.time() - t_all, 1)
-    write_jsonl_atomic(out / "generations.jsonl", generations)
-    write_jsonl_atomic(out / "samples.jsonl", samples)
-    write_text_atomic(out / "report.md", markdown(report))
+    for name, rows in (("generations.jsonl", generations), ("samples.jsonl", samples)):  # the labels in words
+        write_jsonl(out / name, [{**r, "labels": label_words(r["labels"])} for r in rows])
+    write_text(out / "report.md", markdown(report))
     bar_chart(report, out / "defender.png")
     if args.run:
-        from runlog import plot_curves, read_jsonl_lines
-        plot_curves(read_jsonl_lines(Path(args.run) / "metrics.jsonl"), out / "training_curves.png")
-    write_text_atomic(out / "report.json", json.dumps(report, indent=1))
+        from runlog import plot_curves, read_log
+        plot_curves(read_log(Path(args.run) / "metrics.jsonl"), out / "training_curves.png")
+    write_text(out / "report.json", json.dumps(report, indent=1))
     return report
 
 

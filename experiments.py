@@ -47,8 +47,9 @@ from pathlib import Path
 
 import evaluate as E
 import selfplay as SP
+from common import (UserError, exit_on_user_error, release_freed_memory, resolve_device, resolve_dtype, save_figure,
+                    write_text)
 from judge import load_judge
-from model import UserError, default_device, exit_on_user_error
 from runlog import checkpoint_path, last_checkpoint
 
 ARMS = {
@@ -95,8 +96,8 @@ def make_step_0000(args, out: Path) -> Path:
     shutil.rmtree(scratch, ignore_errors=True)
     cfg = SP.parse_args([*selfplay_flags(args), "--out", str(scratch)])
     SP.check_config(cfg)
-    device = default_device() if cfg.device == "auto" else cfg.device
-    _, (_, checkpoint) = SP.prepare_run(cfg, device, SP.compute_dtype(cfg, device))
+    device = resolve_device(cfg.device)
+    _, (_, checkpoint) = SP.prepare_run(cfg, device, resolve_dtype(cfg.dtype, device))
     os.replace(checkpoint, folder)
     shutil.rmtree(scratch)
     return folder
@@ -240,16 +241,13 @@ def plot(summary, path: Path):
     if s["effects"]:
         axes[3].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write_results(out: Path, summary):
-    E.write_text_atomic(out / "results.json", json.dumps(summary, indent=1))
+    write_text(out / "results.json", json.dumps(summary, indent=1))
     plot(summary, out / "results.png")
-    E.write_text_atomic(out / "results.md", markdown(summary))
+    write_text(out / "results.md", markdown(summary))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +298,7 @@ def run(args, arms=ARMS, judge=None):
     saved = out / "settings.json"
     if saved.is_file() and json.loads(saved.read_text()) != fixed:
         raise UserError(f"{out} was made with {saved.read_text().strip()}; keep those flags, or use another --out")
-    E.write_text_atomic(saved, json.dumps(fixed))
+    write_text(saved, json.dumps(fixed))
     judge = judge or load_judge(args.judge)
     runs = [(arm, seed) for seed in range(args.seeds) for arm in args.arms]  # seed-major: paired results come early
     bar = tqdm(total=2 + 2 * len(runs), desc="reproduce", file=sys.stderr)
@@ -317,7 +315,7 @@ def run(args, arms=ARMS, judge=None):
         write_results(out, summarise(args, arms, base, reports))
         print(f"{arm} seed {seed}: done ({(time.time() - t0) / 60:.1f} min so far)", flush=True)
         gc.collect()
-        SP.release_freed_memory()
+        release_freed_memory()
     bar.close()
     summary = summarise(args, arms, base, reports)
     write_results(out, summary)
@@ -326,8 +324,7 @@ def run(args, arms=ARMS, judge=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    summary = run(args)
-    print("\n" + markdown(summary))
+    print("\n" + markdown(run(args)))
     print(f"wrote {Path(args.out) / 'results.md'}, results.json, results.png")
 
 

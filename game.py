@@ -1,20 +1,21 @@
 """The game of Self-RedTeam: the reward table, the seeds, and one batch of games.
 
-  game_rewards   the reward table (general_sum as released, or zero_sum) for one game's labels
-  draw_seeds     half harmful, half benign; about half of each revised by the attacker
-  play_games     attacker turns -> strip CoT -> defender turns -> strip CoT -> judge -> rewards
-                 (each seed revised k_a times, each prompt answered k_d times: the rollout tree)
-selfplay.py runs these in its training loop; `cfg` is its Config.
+  game_rewards    the reward table (general_sum as released, or zero_sum) for one game's labels
+  draw_seeds      half harmful, half benign; a share of each revised by the attacker
+  play_attacker   each revised seed rewritten k_a times
+  play_defender   each revision, and each vanilla seed, answered k_d times (the rollout tree)
+  score_games     the judge's verdicts -> labels -> rewards: the games (for games.jsonl) and the samples
+selfplay.py's loop calls them in this order, the judge between the last two; all take plain arguments.
 """
-import time
-from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import rl
+from common import read_prompt_file
 from judge import to_labels
-from model import attacker_messages, defender_messages, play_turn, read_prompt_file, render_prompt
+from model import Turn, attacker_messages, defender_messages, play_turn, render_prompt
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,15 +45,13 @@ def game_rewards(seed_type, revised, labels, attacker_format_ok=True, defender_f
 
     seed_type: "harmful" or "benign". revised: True when the attacker rewrote the seed (a
     generated_* game); vanilla games send the seed straight to the defender and train no attacker.
-    labels: the judge's verdict on (prompt the defender saw, defender's answer), as model-free
-    strings: {"prompt": "harmful"|"unharmful"|None, "refusal": "refusal"|"compliance"|None,
-    "response": "harmful"|"unharmful"|None}. A role whose needed labels are missing is a tie
-    (None): the released code drops those samples. Worked totals: ../shared/PAPER-NOTES.md §3.3.
+    labels: the judge's verdict on (prompt the defender saw, defender's answer), as judge.to_labels
+    gives it: {"prompt_harmful", "response_refusal", "response_harmful"}, each True, False or None
+    (missing). A role whose needed labels are missing is a tie (None): the released code drops
+    those samples. Worked totals: docs/paper.md#the-reward-table.
     """
     c = REWARD_TABLES[table]
-    prompt_harmful = {"harmful": True, "unharmful": False}.get(labels.get("prompt"))
-    refused = {"refusal": True, "compliance": False}.get(labels.get("refusal"))
-    response_harmful = {"harmful": True, "unharmful": False}.get(labels.get("response"))
+    prompt_harmful, refused, response_harmful = labels["prompt_harmful"], labels["response_refusal"], labels["response_harmful"]
     if prompt_harmful is None or refused is None or response_harmful is None:
         return None, None  # every term of both roles needs all three labels
 
@@ -83,15 +82,58 @@ def read_seeds(path, kind):
     return read_prompt_file(path, kind)
 
 
-def draw_seeds(harmful, benign, cfg, gen) -> list[dict]:
+def draw_seeds(harmful, benign, batch_size, revise_frac, gen) -> list[dict]:
     """Half harmful, half benign; of each kind, revise_frac go to the attacker (generated_*)."""
-    n_harmful = cfg.batch_size // 2
+    n_harmful = batch_size // 2
     seeds = []
-    for kind, pool, n in (("harmful", harmful, n_harmful), ("benign", benign, cfg.batch_size - n_harmful)):
+    for kind, pool, n in (("harmful", harmful, n_harmful), ("benign", benign, batch_size - n_harmful)):
         picks = torch.randint(len(pool), (n,), generator=gen).tolist()
-        n_revised = 0 if cfg.mode == "defender_only" else round(n * cfg.revise_frac)
+        n_revised = round(n * revise_frac)
         seeds += [{"seed": pool[j], "type": kind, "revised": i < n_revised} for i, j in enumerate(picks)]
     return seeds
+
+
+@dataclass
+class Attack:
+    """The attacker's turns: row j of `turn` rewrote seed `seed_of_row[j]` (a seed's rows are consecutive)."""
+    turn: Turn | None   # None when no seed is revised
+    seed_of_row: list
+
+
+@dataclass
+class Defence:
+    """The defender's turns: prompt q is queries[q] = (seed index, attack row or None for a vanilla
+    seed, the prompt's text), and rows q*k .. (q+1)*k-1 of `turn` are its k answers."""
+    turn: Turn
+    queries: list
+    k: int
+
+    def prompts(self) -> list[str]:
+        """The prompt of each answer, row by row (what the judge reads beside the answers)."""
+        return [text for _, _, text in self.queries for _ in range(self.k)]
+
+
+def play_attacker(policy, tokenizer, seeds, k, max_new_tokens, temperature, top_p, cot, generator) -> Attack:
+    """Each revised seed rewritten k times (k_a: --group-attacker)."""
+    rows = [i for i, s in enumerate(seeds) if s["revised"] for _ in range(k)]
+    if not rows:
+        return Attack(None, rows)
+    prompts = [render_prompt(tokenizer, attacker_messages(seeds[i]["seed"], seeds[i]["type"], cot), cot) for i in rows]
+    return Attack(play_turn(policy, tokenizer, prompts, max_new_tokens, temperature, top_p, generator, cot), rows)
+
+
+def play_defender(model, tokenizer, seeds, attack: Attack, k, max_new_tokens, temperature, top_p, cot,
+                  generator) -> Defence:
+    """Each revision, and each vanilla seed as it is, answered k times (k_d: --group-defender), in
+    seed order. `model` is the policy, or in --mode attacker_only the frozen starting model."""
+    queries = []
+    for i, s in enumerate(seeds):
+        rows = [j for j, seed in enumerate(attack.seed_of_row) if seed == i] if s["revised"] else [None]
+        queries += [(i, j, s["seed"] if j is None else attack.turn.answers[j]) for j in rows]
+    prompts = [render_prompt(tokenizer, defender_messages(text, cot), cot) for _, _, text in queries]
+    turn = play_turn(model, tokenizer, [p for p in prompts for _ in range(k)], max_new_tokens, temperature, top_p,
+                     generator, cot)
+    return Defence(turn, queries, k)
 
 
 def turn_experience(turn, i, role, reward, **kw) -> rl.Experience:
@@ -102,73 +144,43 @@ def turn_experience(turn, i, role, reward, **kw) -> rl.Experience:
                          logprobs=turn.sample.logprobs[i][new], **kw)
 
 
-def play_games(policy, reference, tokenizer, judge, seeds, cfg, gen):
-    """Play one batch of games: the rollout tree seed -> revisions -> answers, judged answer by answer.
+def score_games(seeds, attack: Attack, defence: Defence, verdicts, table="general_sum", cot=True,
+                train_defender=True):
+    """Each answer is one game: the judge's verdict on it -> labels -> rewards (game_rewards).
 
-    The policy plays both roles, except in --mode attacker_only, where the defender is the starting
-    model: `reference()` is a context manager that yields it (a frozen copy, or the LoRA policy with
-    its adapters off; see selfplay.train).
-
-    Each revised seed is rewritten cfg.group_attacker (k_a) times; each revision, and each vanilla
-    seed, is answered cfg.group_defender (k_d) times; each answer is one game. A defender sample's
-    `group` is its prompt (the k_d answers of one prompt), an attacker sample's is its seed (the k_a
-    revisions of one seed); a revision's reward is the mean over its answers that are not ties.
-    Returns (games for games.jsonl, training samples, timings).
+    A defender sample's `group` is its prompt (the k_d answers of one prompt), an attacker sample's
+    is its seed (the k_a revisions of one seed); a revision's reward is the mean over its answers
+    that are not ties (all ties: no sample). train_defender=False (--mode attacker_only, where the
+    defender is frozen) keeps only the attacker's samples.
+    Returns (games, samples): one dict per game, labels as booleans (selfplay.py writes them to
+    games.jsonl in words), and the training samples, each revision before the answers to it.
     """
-    times = {}
-    k_a, k_d = cfg.group_attacker, cfg.group_defender
-    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, generator=gen, cot=cfg.cot)
-    revisions = [i for i, s in enumerate(seeds) if s["revised"] for _ in range(k_a)]  # row j of attack: its seed
-    t0 = time.time()
-    attack = None
-    if revisions:
-        prompts = [render_prompt(tokenizer, attacker_messages(seeds[i]["seed"], seeds[i]["type"], cfg.cot), cfg.cot)
-                   for i in revisions]
-        attack = play_turn(policy, tokenizer, prompts, cfg.attacker_max_new_tokens, **sampling)
-    times["t_attacker"] = time.time() - t0
-    queries = []  # the defender's prompts, in seed order: (seed, attack row or None for a vanilla seed, query)
-    for i, s in enumerate(seeds):
-        rows = [j for j, seed in enumerate(revisions) if seed == i] if s["revised"] else [None]
-        queries += [(i, j, s["seed"] if j is None else attack.answers[j]) for j in rows]
-    answers = [q for q in range(len(queries)) for _ in range(k_d)]  # row of defend: its prompt
-
-    t0 = time.time()
-    prompts = [render_prompt(tokenizer, defender_messages(query, cfg.cot), cfg.cot) for _, _, query in queries]
-    with reference() if cfg.mode == "attacker_only" else nullcontext(policy) as defender:
-        defend = play_turn(defender, tokenizer, [prompts[q] for q in answers], cfg.defender_max_new_tokens, **sampling)
-    times["t_defender"] = time.time() - t0
-
-    t0 = time.time()
-    verdicts = judge([queries[q][2] for q in answers], defend.answers)
-    times["t_judge"] = time.time() - t0
-
     games, samples = [], []
-    for q, (i, j, query) in enumerate(queries):
+    att, defend, k_d = attack.turn, defence.turn, defence.k
+    for q, (i, j, query) in enumerate(defence.queries):
         s = seeds[i]
         defender_samples, attacker_rewards = [], []
         for a in range(q * k_d, (q + 1) * k_d):  # the answers to prompt q
             labels = to_labels(verdicts[a])
-            r_att, r_def = game_rewards(s["type"], j is not None, labels, attack.format_ok[j] if j is not None else True,
-                                        defend.format_ok[a], cfg.reward_table, cfg.cot)
+            r_att, r_def = game_rewards(s["type"], j is not None, labels, att.format_ok[j] if j is not None else True,
+                                        defend.format_ok[a], table, cot)
             if r_att is not None:
                 attacker_rewards.append(r_att)
-            if cfg.mode != "attacker_only" and r_def is not None:  # the refusal reward is scored against the judged label
+            if train_defender and r_def is not None:  # the refusal reward is scored against the judged label
                 defender_samples.append(turn_experience(defend, a, rl.DEFENDER, r_def,
-                                                        harmful_prompt=labels["prompt"] == "harmful", group=q))
+                                                        harmful_prompt=labels["prompt_harmful"], group=q))
             games.append({
                 "seed": s["seed"], "type": ("generated_" if j is not None else "vanilla_") + s["type"],
-                "seed_index": i, "revision_index": None if j is None else j - revisions.index(i),  # a seed's rows are consecutive
-                "attacker_thinking": attack.thinking[j] if j is not None else None,
-                "attacker_answer": attack.answers[j] if j is not None else None,
-                "attacker_format_ok": attack.format_ok[j] if j is not None else None,
+                "seed_index": i, "revision_index": None if j is None else j - attack.seed_of_row.index(i),
+                "attacker_thinking": att.thinking[j] if j is not None else None,
+                "attacker_answer": att.answers[j] if j is not None else None,
+                "attacker_format_ok": att.format_ok[j] if j is not None else None,
                 "defender_thinking": defend.thinking[a], "defender_answer": defend.answers[a],
                 "defender_format_ok": defend.format_ok[a],
                 "verdict": {k: None if x is None else round(x, 4) for k, x in verdicts[a].items()}, "labels": labels,
                 "reward_attacker": r_att, "reward_defender": r_def})
-        if cfg.mode != "defender_only" and j is not None and attacker_rewards:  # all ties: nothing to learn from
-            samples.append(turn_experience(attack, j, rl.ATTACKER, sum(attacker_rewards) / len(attacker_rewards),
+        if j is not None and attacker_rewards:
+            samples.append(turn_experience(att, j, rl.ATTACKER, sum(attacker_rewards) / len(attacker_rewards),
                                            harmful_prompt=s["type"] == "harmful", group=i))
         samples += defender_samples
-    n_tokens = int(defend.sample.mask.sum()) + (int(attack.sample.mask.sum()) if attack else 0)
-    times["tokens_per_s"] = n_tokens / max(times["t_attacker"] + times["t_defender"], 1e-9)
-    return games, samples, times
+    return games, samples

@@ -8,10 +8,9 @@ null means "not labelled": that head's loss is masked, it is not read as false. 
 trains on such files, judge.py --eval reports on their dev split.
 """
 import hashlib
-import json
 from pathlib import Path
 
-from model import UserError, read_prompt_rows
+from common import UserError, read_jsonl, read_prompt_rows
 
 LABELS = ("prompt_harmful", "response_refusal", "response_harmful")  # the judge's three questions
 HERE = Path(__file__).resolve().parent
@@ -23,11 +22,6 @@ PROJECT_TRAIN = ("data/judge/train.jsonl", "data/judge/train_weak_a.jsonl", "dat
 RESPONSE_LABELS_ONLY = ("data/judge/train_policy_games.jsonl",)
 PROJECT_DEV = ("data/judge/heldout.jsonl", "data/judge/heldout_weak.jsonl", "data/judge/heldout_policy_games.jsonl",
                "data/judge/heldout_context.jsonl")
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def read_labelled(path, source=None) -> list[dict]:

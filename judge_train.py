@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common import UserError, cpu_has_bf16, exit_on_user_error
 from judge import WEIGHTS, EncoderJudge, fixed_file_numbers, load_encoder, save_judge
 from judge_data import LABELS, read_sources, split
-from model import UserError, cpu_has_bf16, exit_on_user_error
 
 TRAIN_CONFIG = dict(epochs=2, batch_size=16, lr=5e-4, head_lr=2e-3, rank=16, adapted_layers=3, max_len=320,
                     answers_per_prompt=30, project_weight=3.0, seed=0)

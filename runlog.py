@@ -11,7 +11,6 @@ Every checkpoint is written under a temporary name and renamed, so a crash never
 looks complete but is not.
 """
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 
 import lora
-from model import UserError, publish_folder
+from common import UserError, read_jsonl, save_figure, write_jsonl, written_aside
 
 
 def checkpoint_path(out: Path, step: int) -> Path:
@@ -35,22 +34,20 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer=None) -> P
     folder = checkpoint_path(out, step)
     for stale in folder.parent.glob("step_*.tmp*"):  # left by a process that was killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     weights, adapters = optimizer.master_state_dict() if optimizer else None, None
     if lora.lora_layers(model):  # the trained weights are the adapters: saved apart, and merged into the model's
         adapters, weights = weights, lora.merged_state_dict(model, weights)
     try:
-        model.save_pretrained(tmp, state_dict=weights)
-        tokenizer.save_pretrained(tmp)
-        if optimizer is not None:
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "lora": adapters}, tmp / "trainer_state.pt")
+        with written_aside(folder) as tmp:
+            model.save_pretrained(tmp, state_dict=weights)
+            tokenizer.save_pretrained(tmp)
+            if optimizer is not None:
+                torch.save({"step": step, "optimizer": optimizer.state_dict(), "lora": adapters}, tmp / "trainer_state.pt")
+            shutil.rmtree(folder, ignore_errors=True)  # a step redone after a resume replaces its old checkpoint
     except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: one line; the last checkpoint is intact
-        shutil.rmtree(tmp, ignore_errors=True)
         found = last_checkpoint(out)
         then = f"; free space and --resume {out} (from {found[1].name})" if found else ""
         raise UserError(f"could not write checkpoint {folder}: {e}{then}") from None
-    shutil.rmtree(folder, ignore_errors=True)
-    publish_folder(tmp, folder)
     if optimizer is not None:  # only the newest checkpoint is resumed from, and Adam's state is twice the model
         for old in Path(out).glob("checkpoints/step_*/trainer_state.pt"):
             if old.parent != folder:
@@ -64,15 +61,9 @@ def last_checkpoint(out: Path):
     return (int(done[-1].name[5:]), done[-1]) if done else None
 
 
-def read_jsonl_lines(path: Path) -> list[dict]:
+def read_log(path: Path) -> list[dict]:
     """The complete lines of a log (a line cut short by a crash ends it)."""
-    rows = []
-    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
+    return read_jsonl(path, partial=True)
 
 
 def append_jsonl(path: Path, rows):
@@ -83,10 +74,8 @@ def append_jsonl(path: Path, rows):
 
 def keep_steps(path: Path, last_step: int) -> list[dict]:
     """Drop log lines of steps after `last_step` (a resumed run redoes them), atomically."""
-    rows = [r for r in read_jsonl_lines(path) if r["step"] <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    rows = [r for r in read_log(path) if r["step"] <= last_step]
+    write_jsonl(path, rows)
     return rows
 
 
@@ -95,23 +84,23 @@ def keep_steps(path: Path, last_step: int) -> list[dict]:
 
 
 def game_metrics(games) -> dict:
-    """Rates over one step's games (None where a rate has no games)."""
-    def rate(rows, cond):
-        rows = [g for g in rows if g["labels"]["refusal"] is not None]
-        return sum(map(cond, rows)) / len(rows) if rows else None
+    """Rates over one step's games (game.score_games'), among those whose refusal was judged (None
+    where a rate has no games). A label that is None counts as "no"."""
+    def share(rows, cond):
+        return mean([bool(cond(g)) for g in rows if g["labels"]["response_refusal"] is not None])
 
     harmful = [g for g in games if g["type"].endswith("_harmful")]
     benign = [g for g in games if g["type"].endswith("_benign")]
     attacked = [g for g in games if g["type"].startswith("generated_")]
     return {
-        "attack_success": rate([g for g in attacked if g["type"] == "generated_harmful"],
-                               lambda g: g["labels"]["response"] == "harmful"),
-        "refusal_harmful": rate(harmful, lambda g: g["labels"]["refusal"] == "refusal"),
-        "compliance_benign": rate(benign, lambda g: g["labels"]["refusal"] == "compliance"),
-        "harmful_response_rate": rate(harmful, lambda g: g["labels"]["response"] == "harmful"),
-        "faithfulness": rate(attacked, lambda g: (g["labels"]["prompt"] == "harmful") == g["type"].endswith("_harmful")),
-        "format_ok_attacker": rate(attacked, lambda g: g["attacker_format_ok"]),
-        "format_ok_defender": rate(games, lambda g: g["defender_format_ok"]),
+        "attack_success": share([g for g in attacked if g["type"] == "generated_harmful"],
+                               lambda g: g["labels"]["response_harmful"]),
+        "refusal_harmful": share(harmful, lambda g: g["labels"]["response_refusal"]),
+        "compliance_benign": share(benign, lambda g: not g["labels"]["response_refusal"]),
+        "harmful_response_rate": share(harmful, lambda g: g["labels"]["response_harmful"]),
+        "faithfulness": share(attacked, lambda g: bool(g["labels"]["prompt_harmful"]) == g["type"].endswith("_harmful")),
+        "format_ok_attacker": share(attacked, lambda g: g["attacker_format_ok"]),
+        "format_ok_defender": share(games, lambda g: g["defender_format_ok"]),
         "ties": sum(g["reward_defender"] is None for g in games),
     }
 
@@ -152,7 +141,4 @@ def plot_curves(rows: list[dict], path: Path):
         if ax.has_data():
             ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)

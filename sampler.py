@@ -18,6 +18,12 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+# A prompt prefix that every row of a batch shares runs once, at batch 1, when it is at least this
+# long: every prompt of a role starts with the same chat template and instructions (100-300 tokens),
+# and a shorter shared part is not worth a pass of its own.
+MIN_SHARED_PREFIX = 16
+
+
 def sampling_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Log-probs (float32) of the full temperature-scaled softmax, log_softmax(logits / T).
 
@@ -109,16 +115,7 @@ class Sample:
     logprobs: torch.Tensor  # (batch, new) float32 log-prob of each token, full softmax of logits / T
 
 
-def shared_prefix_length(input_ids, attention_mask) -> int:
-    """How many leading tokens all (left-padded) rows share, leaving each row one token of its own.
-
-    Every prompt of a role starts with the same chat template and instructions (100-300 tokens),
-    so the sampler computes that part once instead of once per row.
-    """
-    return common_prefix_length([row[m.bool()] for row, m in zip(input_ids, attention_mask)])
-
-
-def prefill(model, input_ids, attention_mask, capacity, min_shared=16):
+def prefill(model, input_ids, attention_mask, capacity, min_shared=MIN_SHARED_PREFIX):
     """Run the prompts through the model once, filling a fresh KV cache.
 
     Returns the model output (last position's logits), the cache, and the prompts' attention
@@ -131,7 +128,7 @@ def prefill(model, input_ids, attention_mask, capacity, min_shared=16):
     B, P = input_ids.shape
     n_layers = model.config.get_text_config().num_hidden_layers
     cache = Cache(layers=[KVBuffer(capacity) for _ in range(n_layers)])
-    K = shared_prefix_length(input_ids, attention_mask)
+    K = common_prefix_length([row[m.bool()] for row, m in zip(input_ids, attention_mask)])
     if K < min_shared:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
                     cache=cache, use_cache=True, logits_to_keep=1)
@@ -171,7 +168,7 @@ def sample(model, input_ids, attention_mask, max_new_tokens, temperature=1.0, to
         lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
         if use_cache:
             out, cache, prompt_mask = prefill(model, input_ids, attention_mask, P + max_new_tokens,
-                                              min_shared=16 if share_prefix else P + 1)
+                                              min_shared=MIN_SHARED_PREFIX if share_prefix else P + 1)
         else:
             out = model(input_ids=input_ids, attention_mask=attention_mask,
                         position_ids=position_ids_from_mask(attention_mask), use_cache=False, logits_to_keep=1)
@@ -271,7 +268,7 @@ def pack(prompts, generations, pad_id):
 
 
 def common_prefix_length(prompts) -> int:
-    """How many leading tokens all prompts share, leaving each at least one of its own."""
+    """How many leading tokens all (unpadded, 1-D) prompts share, leaving each at least one of its own."""
     n = min(map(len, prompts)) - 1
     if len(prompts) < 2 or n <= 0:
         return 0
@@ -280,7 +277,7 @@ def common_prefix_length(prompts) -> int:
     return int(differs.nonzero()[0]) if differs.any() else n
 
 
-def generation_logprobs(model, prompts, generations, pad_id, temperature=1.0, min_shared=16):
+def generation_logprobs(model, prompts, generations, pad_id, temperature=1.0, min_shared=MIN_SHARED_PREFIX):
     """Log-probs (batch, longest generation), float32, of each generation given its prompt, and
     the generation mask, both on the model's device. A shared prompt prefix runs once."""
     device = next(model.parameters()).device

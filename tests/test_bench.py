@@ -6,7 +6,7 @@ import pytest
 
 import bench
 import selfplay as SP
-from model import UserError
+from common import UserError
 
 PARTS = ("t_attacker", "t_defender", "t_judge", "t_reference", "t_old_logprobs", "t_update", "t_step")
 

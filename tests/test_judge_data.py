@@ -4,7 +4,7 @@ import json
 import pytest
 
 import judge_data as D
-from model import UserError
+from common import UserError
 
 
 def write(path, rows):

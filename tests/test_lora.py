@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import lora
-import rl
 from conftest import make_model
+from optim import MixedPrecisionAdamW
 
 # the tiny Llama (hidden 64, MLP 128, 4 query heads and 2 key/value heads of 16): in + out of each target
 IN_PLUS_OUT = {"q_proj": 64 + 64, "k_proj": 64 + 32, "v_proj": 64 + 32, "o_proj": 64 + 64,
@@ -126,7 +126,7 @@ def test_merged_weights_make_a_plain_hugging_face_folder(tiny, tmp_path):
 
 
 def test_bf16_model_with_float32_masters_trains_only_the_adapters(tiny, tmp_path):
-    """rl.MixedPrecisionAdamW with LoRA: float32 masters and Adam state for the adapters only, every
+    """MixedPrecisionAdamW with LoRA: float32 masters and Adam state for the adapters only, every
     parameter cast to bf16. The adapters compute in bf16 and the frozen weights come through the steps
     bitwise unchanged."""
     from transformers import AutoModelForCausalLM
@@ -134,7 +134,7 @@ def test_bf16_model_with_float32_masters_trains_only_the_adapters(tiny, tmp_path
     _, tok = tiny
     ids = batch(tok)
     model = adapted(tok, perturb=False)
-    optimizer = rl.MixedPrecisionAdamW(model, 1e-2, torch.bfloat16)
+    optimizer = MixedPrecisionAdamW(model, 1e-2, torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert set(optimizer.master_state_dict()) == set(lora.lora_state_dict(model))  # no master of a frozen weight
     assert all(m.dtype == torch.float32 for m in optimizer.master)
