@@ -78,7 +78,7 @@ def selfbleu_diversity(texts) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Intervals (experiments.py uses these too)
+# Intervals
 
 
 def wilson(count, total, z=1.96):

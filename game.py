@@ -83,7 +83,8 @@ def read_seeds(path, kind):
 
 
 def draw_seeds(harmful, benign, batch_size, revise_frac, gen) -> list[dict]:
-    """Half harmful, half benign; of each kind, revise_frac go to the attacker (generated_*)."""
+    """Half harmful, half benign; of each kind, revise_frac go to the attacker (generated_*; selfplay.py
+    passes 0 in --mode defender_only)."""
     n_harmful = batch_size // 2
     seeds = []
     for kind, pool, n in (("harmful", harmful, n_harmful), ("benign", benign, batch_size - n_harmful)):

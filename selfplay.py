@@ -335,9 +335,9 @@ def parse_args(argv=None) -> Config:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        if (f.type is bool or f.type == "bool") and f.default:
+        if f.type is bool and f.default:
             p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=f.metadata["help"])
-        elif f.type is bool or f.type == "bool":
+        elif f.type is bool:
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
             p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
