@@ -19,7 +19,7 @@ Judges here:
   keyword_refusal  a list of refusal phrasings: the baseline beside the judge, never the reward.
 
 CLI:  python judge.py --input IN.jsonl --output OUT.jsonl [--judge default|ID_OR_PATH]
-      python judge.py --eval [--data ../shared/judge-data] [--benchmarks ../shared/benchmarks]
+      python judge.py --eval [--data DIR] [--benchmarks DIR]   (the folders: docs/judge.md)
 """
 import argparse
 import importlib.util

@@ -1,6 +1,6 @@
 """The judge's labelled data: the schema, the project's own rows, and the split by prompt.
 
-Every labelled file is JSONL, one object per line (the schema of ../shared/judge-data):
+Every labelled file is JSONL, one object per line, in this schema:
   {"prompt": str, "response": str | null,
    "prompt_harmful": bool | null, "response_refusal": bool | null, "response_harmful": bool | null,
    "source": str (optional)}
@@ -25,7 +25,7 @@ PROJECT_DEV = ("data/judge/heldout.jsonl", "data/judge/heldout_weak.jsonl", "dat
 
 
 def read_labelled(path, source=None) -> list[dict]:
-    """Rows of a labelled JSONL file (../shared/judge-data's schema), checked: `prompt` a string,
+    """Rows of a labelled JSONL file (the schema above), checked: `prompt` a string,
     `response` a string or null, each label true/false (or 1/0) or null. Labels come back as bools."""
     def check(row):
         if not isinstance(row.get("response"), (str, type(None))):

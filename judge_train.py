@@ -1,6 +1,6 @@
 """Training the default judge: labelled answers of real chat models plus the project's own rows.
 
-    python judge_train.py --data ../shared/judge-data --out weights/judge-minilm-lora.safetensors
+    python judge_train.py --data DIR --out weights/judge-minilm-lora.safetensors   (DIR: docs/judge.md)
 
 What it trains: all-MiniLM-L6-v2 (the bundled sentence encoder) with low-rank adapters (lora.py)
 on every attention and feed-forward projection of its top `adapted_layers` layers, and three
@@ -9,7 +9,7 @@ logistic heads. The encoder's own weights stay as the package ships them, so wha
 
 The data (every file in the same schema: `prompt`, `response` or null, and the three labels
 `prompt_harmful`, `response_refusal`, `response_harmful` as true/false/null):
-  --data DIR        every *.jsonl directly in DIR (../shared/judge-data: public answers of real
+  --data DIR        every *.jsonl directly in DIR (the project's set: public answers of real
                     chat models with human harm labels; its README gives sources and licences)
   --data FILE       one labelled file of your own (repeatable)
   project rows      data/judge/train*.jsonl, the training seeds and the demonstrations (always,
@@ -150,7 +150,7 @@ def data_fingerprint(rows) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description="Train the default judge (adapters + heads over all-MiniLM-L6-v2).")
     p.add_argument("--data", action="append", required=True,
-                   help="a folder of labelled *.jsonl files (e.g. ../shared/judge-data) or one file; repeatable")
+                   help="a folder of labelled *.jsonl files or one file (schema: judge_data.py); repeatable")
     p.add_argument("--out", default=str(WEIGHTS), help="the safetensors file to write")
     p.add_argument("--no-project-data", dest="project", action="store_false", help="train on --data alone")
     p.add_argument("--encoder", help="a BERT-style encoder folder (default: the installed all-MiniLM-L6-v2)")
