@@ -211,7 +211,7 @@ def test_paraphrases_are_less_diverse_than_unrelated_sentences():
 @needs_default_encoder
 @needs_default_model
 def test_default_model_and_judge_on_five_prompts_per_set(tmp_path):
-    E.main(["--policy", "default", "--limit", "5", "--out", str(tmp_path)])
+    E.main(["--policy", "default", "--limit", "5", "--samples", "2", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "report.json").read_text())
     result = report["policies"]["default"]
     assert result["sets"]["harmful_heldout"]["harmful_refusal_rate"]["total"] == 5
