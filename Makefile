@@ -26,8 +26,8 @@ demo: setup
 	$(PY) evaluate.py --policy $(DEMO)/checkpoints/step_0000 --policy $(DEMO)/checkpoints/step_$$(printf %04d $(STEPS)) \
 		--limit 32 --samples 4 --no-attacker --run $(DEMO) --out $(DEMO)/eval
 
-# Seeds x arms from one warm-up (experiments.py; its defaults are provisional, aimed at <= 90 min on
-# 2 cores): RL's own effect on the held-out seeds, with intervals, in runs/reproduce/results.md and
+# Seeds x arms from one warm-up (experiments.py; its defaults are provisional: ~4 h on 2 cores
+# today, see its docstring): RL's own effect on the held-out seeds, with intervals, in runs/reproduce/results.md and
 # results.png. A second `make reproduce` finishes what is missing. In the background:
 #   mkdir -p runs && nohup make reproduce > runs/reproduce.log 2>&1 &
 reproduce: setup

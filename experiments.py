@@ -29,8 +29,9 @@ kept; results.md is rewritten after every evaluation, so a partial table is ther
 Ctrl-C stops after the current step, with a checkpoint. --selfplay-args and --judge must stay the
 same for one --out (settings.json); seeds, steps, arms and the evaluation flags may change.
 
-The defaults (SEEDS ... EVAL_SAMPLES) are PROVISIONAL: they aim at <= 90 min on 2 cores and will be
-set after timing a real run.
+The defaults (SEEDS ... EVAL_SAMPLES) are PROVISIONAL and do not fit 90 minutes yet: at ~2 min a
+step on a 2-core Xeon (docs/results.md), 3 seeds x 4 arms x 10 steps is ~4 h of training alone.
+They will be set from a timed real run, once the step is cheaper.
 """
 import argparse
 import contextlib
