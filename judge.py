@@ -225,7 +225,7 @@ def fixed_file_numbers(judge) -> dict:
     out = {}
     for key in LABELS:
         known = [(v[key], r[key]) for v, r in zip(verdicts, rows) if r[key] is not None and v[key] is not None]
-        out[f"{key}_accuracy"] = round(sum((p >= 0.5) == t for p, t in known) / len(known), 4)
+        out[f"{key}_accuracy"] = round(sum((p >= THRESHOLDS[key]) == t for p, t in known) / len(known), 4)
         out[f"{key}_mean"] = round(sum(p for p, _ in known) / len(known), 4)
     return out
 
