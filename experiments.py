@@ -29,9 +29,12 @@ kept; results.md is rewritten after every evaluation, so a partial table is ther
 Ctrl-C stops after the current step, with a checkpoint. --selfplay-args and --judge must stay the
 same for one --out (settings.json); seeds, steps, arms and the evaluation flags may change.
 
-The defaults (SEEDS ... EVAL_SAMPLES) are PROVISIONAL and do not fit 90 minutes yet: at ~2 min a
-step on a 2-core Xeon (docs/results.md), 3 seeds x 4 arms x 10 steps is ~4 h of training alone.
-They will be set from a timed real run, once the step is cheaper.
+The defaults fit 90 minutes on a 2-core Xeon (docs/results.md): the RL effect's two arms
+(DEFAULT_ARMS), 3 seeds, 6 steps of 8 seeds each (`--selfplay-args '--batch-size 8'`, what
+`make demo` runs), 32 held-out prompts of each kind with 4 samples each: ~13 min a run (8 of
+training, 5 of evaluation), 6 runs, plus the warm-up and step_0000's evaluation. The two control
+arms double that: `--arms selfplay,sft_only,shuffled_reward,group1` (group1 is the same run as
+selfplay while the group sizes default to 1).
 """
 import argparse
 import contextlib
@@ -60,10 +63,12 @@ ARMS = {
     "group1": ["--group-defender", "1", "--group-attacker", "1"],
 }
 CONTROL = "sft_only"  # every other arm is compared with it, paired by seed
-SEEDS = 3             # S, provisional
-STEPS = 10            # K, provisional
-EVAL_LIMIT = 32       # held-out prompts of each kind (0: all 66), provisional
-EVAL_SAMPLES = 4      # sampled answers per prompt (0: greedy only), provisional
+DEFAULT_ARMS = ("selfplay", CONTROL)  # the RL effect; the other arms are a --arms away
+SEEDS = 3             # S
+STEPS = 6             # K
+SELFPLAY_ARGS = "--batch-size 8"  # make demo's run
+EVAL_LIMIT = 32       # held-out prompts of each kind (0: all 66)
+EVAL_SAMPLES = 4      # sampled answers per prompt (0: greedy only)
 METRICS = [("harmful_refusal", "refusal on harmful"), ("benign_compliance", "compliance on benign"),
            ("gap", "discrimination gap")]
 # 97.5% quantiles of Student's t by degrees of freedom (1..30; larger uses 30's, slightly wide)
@@ -260,11 +265,13 @@ def parse_args(argv=None, arms=ARMS):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seeds", type=int, default=SEEDS, help="S: runs per arm, seeds 0..S-1")
     p.add_argument("--steps", type=int, default=STEPS, help="K: RL steps of each run")
-    p.add_argument("--arms", default=",".join(arms), help=f"comma-separated, of: {', '.join(arms)}")
+    p.add_argument("--arms", default=",".join(a for a in DEFAULT_ARMS if a in arms),
+                   help=f"comma-separated, of: {', '.join(arms)}")
     p.add_argument("--limit", type=int, default=EVAL_LIMIT, help="held-out prompts of each kind evaluated (0: all)")
     p.add_argument("--samples", type=int, default=EVAL_SAMPLES, help="sampled answers per prompt (0: greedy only)")
     p.add_argument("--judge", default="default", help="the judge of training and evaluation (see selfplay.py --judge)")
-    p.add_argument("--selfplay-args", default="", help="extra selfplay.py flags for every run, e.g. '--batch-size 8'")
+    p.add_argument("--selfplay-args", default=SELFPLAY_ARGS,
+                   help="extra selfplay.py flags for every run (replace the default; add it back to keep it)")
     p.add_argument("--eval-args", default="", help="extra evaluate.py flags, e.g. '--max-new-tokens 64'")
     p.add_argument("--out", default="runs/reproduce", help="step_0000/, ARM/seedS/ run folders, results.md/.png")
     args = p.parse_args(argv)

@@ -93,7 +93,8 @@ class Config:
     sft_coef: float = arg(1.0, "weight of the auxiliary SFT loss on the helpful demos (benign defender demos, as "
                                "released: a helpfulness anchor) during RL (the paper's 1.0; 0: RL alone)")
     warmup_epochs: int = arg(2, "epochs of the supervised warm-up on the demos (0: no warm-up)")
-    warmup_demos: int = arg(32, "demos used in the warm-up, split across roles and kinds (0: all)")
+    warmup_demos: int = arg(0, "demos used in the warm-up, split across roles and kinds (0: all 108; with 32 the "
+                               "defender refused ~1 in 8 sampled harmful requests, too few for RL to reinforce)")
     warmup_lr: float = arg(5e-5, "learning rate of the warm-up")
     # the run
     model: str = arg("default", "policy: 'default' (bundled SmolLM2-135M-Instruct), HF id, folder or .gguf")

@@ -2,10 +2,12 @@
 
 The 135M default model neither follows the <think>/<answer> format nor refuses anything, so RL
 from it gets almost no refusal samples to learn from. The paper's remedy is SFT on postfilled
-CoT data; ours is a few epochs on a few of the project's demonstrations (data/demos/), both roles
-in the think/answer format. It is small on purpose: it only seeds the behaviours, and RL has to
-do the rest. The result is cached (keyed on the model, the demos and the settings) and becomes
-the run's checkpoints/step_0000.
+CoT data; ours is two epochs on the project's 108 demonstrations (data/demos/), both roles in
+the think/answer format. It only seeds the behaviours, and RL has to do the rest: afterwards the
+defender refuses about half of the sampled answers to held-out harmful requests, so the games
+hold both refusals and compliances for the reward to tell apart (with 32 demos, ~1 in 8). The
+result is cached (keyed on the model, the demos and the settings) and becomes the run's
+checkpoints/step_0000.
 """
 import hashlib
 import sys

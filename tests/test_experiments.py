@@ -187,3 +187,11 @@ def test_cli_error_is_one_line():
     assert proc.returncode != 0
     assert proc.stderr.strip() == ("error: --arms: unknown arm nope; choose from "
                                    "selfplay, sft_only, shuffled_reward, group1")
+
+
+def test_the_defaults_are_the_rl_effect_on_the_demos_runs():
+    """make reproduce: selfplay against its control, each run the demo's (8 seeds a step), every arm
+    still one --arms away."""
+    args = X.parse_args([])
+    assert args.arms == ["selfplay", "sft_only"] and args.selfplay_args == "--batch-size 8"
+    assert X.parse_args(["--arms", ",".join(X.ARMS)]).arms == list(X.ARMS)
