@@ -4,7 +4,7 @@
   cache_dir                       where converted models and warm-ups are kept
   written_aside                   the one "write to a temporary name, then rename" (files and folders)
   read_jsonl, read_prompt_file    the one JSONL reader; prompt files (JSONL, or CSV in a benchmark's layout)
-  resolve_device, resolve_dtype   "auto" -> CUDA when there is one; bf16 where the hardware is fast at it
+  resolve_device, resolve_dtype   "auto" -> CUDA when there is one; bf16 on CUDA, float32 on a CPU
   Stopwatch, release_freed_memory, peak_rss_gb   the training loop's time and memory bookkeeping
 """
 import csv
@@ -186,7 +186,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def cpu_has_bf16() -> bool:
-    """AVX-512 BF16 (or AMX) makes bfloat16 matmuls fast on a CPU; elsewhere they are slow."""
+    """Whether the CPU has bfloat16 matmul instructions (AVX-512 BF16 or AMX); judge_train.py's
+    autocast uses them. Self-play does not: see resolve_dtype."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -203,12 +204,18 @@ def resolve_device(name="auto") -> str:
 
 
 def resolve_dtype(name, device) -> torch.dtype:
-    """'auto' -> bfloat16 on CUDA and on CPUs with fast bf16 (AVX-512 BF16, AMX), float32 elsewhere;
-    a dtype's name ('float32', 'bfloat16', 'float16') or a torch.dtype as given."""
+    """'auto' -> bfloat16 on CUDA, float32 on a CPU; a dtype's name ('float32', 'bfloat16',
+    'float16') or a torch.dtype as given.
+
+    On a CPU with AVX-512 BF16 (no AMX) a bf16 self-play step took 1.5x a float32 one (bench.py
+    --selfplay-steps 3 --batch 16: 126 s vs 84 s, docs/results.md): bf16 sampled ~10% faster, but
+    its training passes were slower and its old log-probs need a pass of their own (the sampler's
+    differ in bf16, update.reuses_sampler_logprobs). float32 also takes the bf16 rounding noise out
+    of a comparison of runs. An AMX CPU was not measured: --dtype bfloat16 tries it."""
     if isinstance(name, torch.dtype):
         return name
     if name == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") or cpu_has_bf16() else torch.float32
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     return DTYPES[name]
 
 

@@ -320,7 +320,7 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=8, help="sampled answers per prompt beside the greedy one (0: greedy only)")
     p.add_argument("--temperature", type=float, default=0.7, help="temperature of those samples (selfplay.py's training one)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (the same for every policy: paired comparisons)")
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (bf16 where the CPU is fast at it)")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (bf16 on CUDA, float32 on a CPU)")
     p.add_argument("--run", help="a selfplay run folder: also draw its training curves")
     p.add_argument("--out", required=True, help="folder for report.json, report.md, generations.jsonl and charts")
     args = p.parse_args(argv)

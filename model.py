@@ -103,17 +103,15 @@ def load_policy(name_or_path=None, device=None, dtype=None, require_chat_templat
     """Load (model, tokenizer). None means the bundled SmolLM2-135M-Instruct.
 
     `name_or_path`: None/"default", a Hugging Face id, a local model folder, or a .gguf file.
-    `device`: CUDA when available, else CPU. `dtype`: bfloat16 on CUDA, float32 on CPU (on a CPU,
-    selfplay.py trains in bf16 over float32 master weights, see optim.MixedPrecisionAdamW).
+    `device`: CUDA when available, else CPU. `dtype`: bfloat16 on CUDA, float32 on CPU
+    (common.resolve_dtype says why).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar for a sub-second load is noise
     device = resolve_device(device)
-    if dtype is None:  # a CPU computes in float32 here; selfplay.py and evaluate.py ask for bf16 where it is fast
-        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
-    dtype = resolve_dtype(dtype, device)
+    dtype = resolve_dtype(dtype or "auto", device)
     source = resolve_policy_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

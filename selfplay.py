@@ -106,8 +106,8 @@ class Config:
     checkpoint_every: int = arg(5, "steps between checkpoints (a last one is always written)")
     # the system
     device: str = arg("auto", "cpu | cuda | auto")
-    dtype: str = arg("auto", "bfloat16 (bf16 compute, float32 master weights) | float32 | auto (bf16 where the hardware "
-                             "is fast at it)")
+    dtype: str = arg("auto", "bfloat16 (bf16 compute, float32 master weights) | float32 | auto (bf16 on CUDA, float32 "
+                             "on a CPU, where it measured faster: common.resolve_dtype)")
     compile: bool = arg(False, "torch.compile the MLPs and norms of the policy's decoder layers (needs a C++ compiler; "
                                "without one, a warning and eager mode)")
 
@@ -187,7 +187,8 @@ def prepare_run(cfg: Config, device, dtype):
     if last_checkpoint(out) is not None:
         raise UserError(f"{out} already holds a run; use --resume {out}, or another --out")
     source = resolve_policy_path(cfg.model)
-    warmup = WarmupSettings(cfg.warmup_epochs, cfg.warmup_demos, cfg.warmup_lr, cfg.grad_clip, cfg.seed, cfg.cot, cfg.dtype)
+    warmup = WarmupSettings(cfg.warmup_epochs, cfg.warmup_demos, cfg.warmup_lr, cfg.grad_clip, cfg.seed, cfg.cot,
+                            str(dtype).removeprefix("torch."))
     cached = cache_dir() / f"warmup-{warmup_key(source, warmup)}"
     if cfg.warmup_epochs and not (cached / "config.json").is_file():
         model, tokenizer = load_policy(source, device, torch.float32)

@@ -76,7 +76,7 @@ class WarmupSettings:
     grad_clip: float
     seed: int
     cot: bool
-    dtype: str     # the flag as given ("auto" too): it is part of the cache key
+    dtype: str     # the compute dtype's name ("float32", "bfloat16"): it is part of the cache key
 
 
 def warm_up(model, tokenizer, settings: WarmupSettings, dtype, folder: Path, batch_size=4) -> dict:

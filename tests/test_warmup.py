@@ -32,11 +32,11 @@ def test_a_resumed_run_skips_the_sft_batches_already_used():
 
 
 def test_the_cache_key_changes_with_every_setting_and_only_with_them(tmp_path):
-    settings = WarmupSettings(epochs=2, demos=32, lr=5e-5, grad_clip=1.0, seed=0, cot=True, dtype="auto")
+    settings = WarmupSettings(epochs=2, demos=32, lr=5e-5, grad_clip=1.0, seed=0, cot=True, dtype="float32")
     key = warmup_key(str(tmp_path), settings)
     assert warmup_key(str(tmp_path), dataclasses.replace(settings)) == key
     for name, value in (("epochs", 3), ("demos", 0), ("lr", 1e-4), ("grad_clip", 0.5), ("seed", 1), ("cot", False),
-                        ("dtype", "float32")):
+                        ("dtype", "bfloat16")):
         assert warmup_key(str(tmp_path), dataclasses.replace(settings, **{name: value})) != key, name
     (tmp_path / "model.safetensors").write_bytes(b"weights")  # the model's files count too
     assert warmup_key(str(tmp_path), settings) != key
