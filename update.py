@@ -37,7 +37,7 @@ class UpdateSettings:
     kl_beta: float = 0.01
     clip_eps: float = 0.2
     pg_coef: float = 1.0
-    sft_coef: float = 1.0
+    sft_coef: float = 0.5
     # the passes and steps
     old_logprobs: str = "auto"
     ppo_epochs: int = 1

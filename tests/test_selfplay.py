@@ -232,6 +232,23 @@ def test_without_the_ppo_loss_the_rewards_do_not_move_the_weights(run_args):
     assert any(not torch.equal(start[k], w_flipped[k]) for k in start)  # the SFT loss did train
 
 
+def test_the_sft_only_control_is_the_same_for_any_sft_coef(run_args):
+    """AdamW divides each gradient by its own running scale, so the SFT loss alone, times 0.1 or 1,
+    moves the weights the same way (to Adam's eps; clipping off here: a clip that acts at one
+    scale and not the other would differ). So one sft_only arm is the control for self-play at
+    any --sft-coef."""
+    runs = {}
+    for coef in ("1.0", "0.1"):
+        out, _, _ = SP.train(SP.parse_args(run_args("--steps", "1", "--pg-coef", "0", "--sft-coef", coef,
+                                                    "--grad-clip", "1e9", out=coef)), judge=FixedJudge())
+        runs[coef] = weights(out / "checkpoints/step_0001")
+    start = weights(out / "checkpoints/step_0000")
+    for k in start:
+        moved = (runs["1.0"][k] - start[k]).abs().mean()  # Adam's eps makes the tiniest gradients differ a little
+        assert (runs["0.1"][k] - runs["1.0"][k]).abs().mean() <= 1e-3 * moved, k
+    assert any(not torch.equal(start[k], runs["0.1"][k]) for k in start)
+
+
 def test_bool_flags_default_false_are_switched_on_and_true_ones_off():
     assert SP.parse_args([]).shuffle_rewards is False and SP.parse_args(["--shuffle-rewards"]).shuffle_rewards is True
     assert SP.parse_args([]).cot is True and SP.parse_args(["--no-cot"]).cot is False
