@@ -91,8 +91,8 @@ class Config:
     lora_alpha: float = arg(0.0, "LoRA scale numerator: updates are alpha / rank x B A (0: alpha = rank)")
     # supervised learning: the warm-up before RL, and the auxiliary loss during it
     sft_coef: float = arg(0.5, "weight of the auxiliary SFT loss on the helpful demos (benign defender demos, as "
-                               "released: a helpfulness anchor) during RL (the paper: 1.0, which here wore refusal "
-                               "down as fast as SFT alone; 0.1 gave up benign answers; docs/results.md) (0: RL alone)")
+                               "released: a helpfulness anchor) during RL (the paper: 1.0, which here took sampled refusal "
+                               "0.49 -> 0.24 in 6 steps; 0.1 gave up benign answers; docs/results.md) (0: RL alone)")
     warmup_epochs: int = arg(2, "epochs of the supervised warm-up on the demos (0: no warm-up)")
     warmup_demos: int = arg(0, "demos used in the warm-up, split across roles and kinds (0: all 108; with 32 the "
                                "defender refused ~1 in 8 sampled harmful requests, too few for RL to reinforce)")
