@@ -18,8 +18,9 @@ $(STAMP): requirements.txt
 
 # The toy self-play run (~16 min on a 2-core Xeon, plus the warm-up once, ~5 min, then cached): STEPS
 # steps of self-play at 8 seeds a step (~1 min each), then the defender before (step_0000) and after, on
-# the first 32 held-out harmful and benign seeds, greedy and 4 samples a prompt (~5 min each). The same settings as
-# seed 0 of `make reproduce`'s selfplay arm. A second `make demo` resumes the run, or only re-evaluates it.
+# the first 32 held-out harmful and benign seeds, greedy and 4 samples a prompt (~5 min each). The same
+# settings as seed 0 of `make reproduce`'s selfplay arm. A second `make demo` resumes the run, or only
+# re-evaluates it.
 DEMO := runs/demo
 STEPS := 6
 demo: setup

@@ -194,7 +194,7 @@ def prepare_run(cfg: Config, device, dtype):
     if cfg.warmup_epochs and not (cached / "config.json").is_file():
         model, tokenizer = load_policy(source, device, torch.float32)
         t0 = time.time()
-        info = warm_up(model, tokenizer, warmup, dtype, cached)
+        info = warm_up(model, tokenizer, warmup, cached)
         print(f"warm-up: {info['demos']} demos x {cfg.warmup_epochs} epochs in {time.time() - t0:.0f} s, "
               f"loss {info['first_loss']:.2f} -> {info['last_loss']:.2f}", file=sys.stderr)
     # float32 on disk, whatever the compute dtype: the optimiser's master weights start from it

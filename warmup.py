@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import rl
-from common import read_jsonl, read_prompt_rows, written_aside
+from common import DTYPES, read_jsonl, read_prompt_rows, written_aside
 from model import attacker_messages, defender_messages, render_prompt
 from optim import MixedPrecisionAdamW
 from sampler import generation_logprobs
@@ -76,16 +76,17 @@ class WarmupSettings:
     grad_clip: float
     seed: int
     cot: bool
-    dtype: str     # the compute dtype's name ("float32", "bfloat16"): it is part of the cache key
+    dtype: str     # the compute dtype's name ("float32", "bfloat16"), as resolved: the warm-up computes in it,
+                   # and it is part of the cache key
 
 
-def warm_up(model, tokenizer, settings: WarmupSettings, dtype, folder: Path, batch_size=4) -> dict:
-    """settings.epochs epochs of SFT on settings.demos demos (AdamW, computing in `dtype`), saved as a
+def warm_up(model, tokenizer, settings: WarmupSettings, folder: Path, batch_size=4) -> dict:
+    """settings.epochs epochs of SFT on settings.demos demos (AdamW, computing in settings.dtype), saved as a
     float32 Hugging Face folder (written aside, then renamed)."""
     from tqdm import tqdm
 
     demos = demo_experiences(tokenizer, settings.cot, settings.demos)
-    optimizer = MixedPrecisionAdamW(model, settings.lr, dtype)
+    optimizer = MixedPrecisionAdamW(model, settings.lr, DTYPES[settings.dtype])
     batches = sft_batches(demos, batch_size, torch.Generator().manual_seed(settings.seed))
     model.train()
     losses = []
