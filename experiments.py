@@ -12,8 +12,10 @@ Arms (ARMS below: one dict of arm -> extra selfplay flags):
   sft_only         --pg-coef 0: the same loop and SFT loss without the PPO loss (the control)
   shuffled_reward  each role's rewards permuted within the step: RL updates that carry no signal
   group1           one sample per seed and role (--group-defender 1 --group-attacker 1)
-The RL effect is selfplay - sft_only, paired by seed (seed S of both arms sees the same seeds,
-draws and evaluation prompts).
+Effects are differences paired by seed (seed S of every arm sees the same seeds, draws and
+evaluation prompts), against each control that was run (CONTROLS): selfplay - sft_only is the RL
+effect (what the PPO loss adds to the SFT loss), selfplay - shuffled_reward the reward's own effect
+(what the reward's information adds to an update of the same size).
 
 Intervals are 95% Student-t over seeds (S - 1 degrees of freedom; 4.30 at S = 3). Why not a
 bootstrap: with 3 seeds a paired bootstrap has only 10 distinct resamples, and its percentile
@@ -62,8 +64,10 @@ ARMS = {
     "shuffled_reward": ["--shuffle-rewards"],
     "group1": ["--group-defender", "1", "--group-attacker", "1"],
 }
-CONTROL = "sft_only"  # every other arm is compared with it, paired by seed
-DEFAULT_ARMS = ("selfplay", CONTROL)  # the RL effect; the other arms are a --arms away
+# every other arm is compared with each control that was run, paired by seed; the named effects:
+CONTROLS = ("sft_only", "shuffled_reward")
+EFFECT_NAMES = {("selfplay", "sft_only"): "the RL effect", ("selfplay", "shuffled_reward"): "the reward's own effect"}
+DEFAULT_ARMS = ("selfplay", "sft_only")  # the RL effect; the other arms are a --arms away
 SEEDS = 3             # S
 STEPS = 6             # K
 SELFPLAY_ARGS = "--batch-size 8"  # make demo's run
@@ -162,9 +166,15 @@ def headline(report, sampled):
             "gap": next(iter(result["gaps"].values()))["discrimination_gap" + suffix]["value"]}
 
 
+def effect_pairs(run_arms):
+    """(arm, control) for every control in run_arms and every other arm, a control not twice."""
+    controls = [c for c in CONTROLS if c in run_arms]
+    return [(arm, c) for i, c in enumerate(controls) for arm in run_arms if arm != c and arm not in controls[:i]]
+
+
 def summarise(args, arms, base, reports):
     """Per measure (sampled, greedy): step_0000's values, each arm's mean and t-interval over seeds,
-    and each arm minus the control, paired by seed. `reports`: {(arm, seed): report} done so far."""
+    and each arm minus each control, paired by seed. `reports`: {(arm, seed): report} done so far."""
     summary = {"settings": vars(args), "arm_flags": {arm: arms[arm] for arm in args.arms}, "runs_done": len(reports),
                "runs": len(args.arms) * args.seeds, "measures": {}}
     for measure in (["sampled"] if args.samples else []) + ["greedy"]:
@@ -175,14 +185,20 @@ def summarise(args, arms, base, reports):
             if seeds:
                 arms[arm] = {"seeds": seeds, **{m: dict(zip(("mean", "ci"), t_interval([values[arm, s][m] for s in seeds])),
                                                         values=[values[arm, s][m] for s in seeds]) for m, _ in METRICS}}
-            paired = [s for s in seeds if (CONTROL, s) in values] if arm != CONTROL else []
+        for arm, control in effect_pairs(args.arms):
+            paired = [s for s in range(args.seeds) if (arm, s) in values and (control, s) in values]
             if paired:
-                diffs = {m: [values[arm, s][m] - values[CONTROL, s][m] for s in paired] for m, _ in METRICS}
-                effects[arm] = {"seeds": paired, **{m: dict(zip(("mean", "ci"), t_interval(d)), differences=d)
-                                                    for m, d in diffs.items()}}
+                diffs = {m: [values[arm, s][m] - values[control, s][m] for s in paired] for m, _ in METRICS}
+                effects[f"{arm} - {control}"] = {"seeds": paired, **{m: dict(zip(("mean", "ci"), t_interval(d)), differences=d)
+                                                                     for m, d in diffs.items()}}
         summary["measures"][measure] = {"step_0000": headline(base, measure == "sampled"), "arms": arms,
                                         "effects": effects}
     return summary
+
+
+def named(pair):
+    name = EFFECT_NAMES.get(tuple(pair.split(" - ")))
+    return f" ({name})" if name else ""
 
 
 def fmt(m, sign=""):
@@ -196,7 +212,8 @@ def markdown(summary):
              + (f"the first {a['limit']}" if a["limit"] else "all") + " of each kind. Mean over seeds and its 95% "
              "Student-t interval (seeds - 1 degrees of freedom: with so few seeds a bootstrap interval is too "
              "narrow), not clipped: a bound past 0 or 1 says the seeds cannot pin the value down.",
-             f"Effects are arm - {CONTROL}, paired by seed; `selfplay - {CONTROL}` is the RL effect.",
+             "Effects are arm - control, paired by seed: " + "; ".join(f"`{a} - {c}` is {name}"
+                                                                       for (a, c), name in EFFECT_NAMES.items()) + ".",
              "Arms (selfplay.py flags): " + "; ".join(f"{arm} `{' '.join(f) or 'the defaults'}`"
                                                      for arm, f in summary["arm_flags"].items()) + "."]
     header = "| " + " | ".join(name for _, name in METRICS) + " |"
@@ -208,8 +225,8 @@ def markdown(summary):
                   for arm, r in s["arms"].items()]
         if s["effects"]:
             lines += ["", "| effect (paired by seed) | seeds " + header, "|---|---|---|---|---|"]
-            lines += [f"| {arm} - {CONTROL}{' (the RL effect)' if arm == 'selfplay' else ''} | {len(r['seeds'])} | "
-                      + " | ".join(fmt(r[m], "+") for m, _ in METRICS) + " |" for arm, r in s["effects"].items()]
+            lines += [f"| {pair}{named(pair)} | {len(r['seeds'])} | " + " | ".join(fmt(r[m], "+") for m, _ in METRICS) + " |"
+                      for pair, r in s["effects"].items()]
         lines += ["", "| per seed | seed " + header, "|---|---|---|---|---|"]
         lines += [f"| {arm} | {seed} | " + " | ".join(f"{r[m]['values'][k]:.3f}" for m, _ in METRICS) + " |"
                   for arm, r in s["arms"].items() for k, seed in enumerate(r["seeds"])]
@@ -240,10 +257,9 @@ def plot(summary, path: Path):
             axes[3].errorbar([x + 0.2 * k], [r[m]["mean"]], yerr=[[r[m]["mean"] - lo], [hi - r[m]["mean"]]], fmt="o",
                              capsize=4, color=f"C{k}", label=name if x == 0 else None)
     axes[3].axhline(0, color="black", lw=0.8)
-    axes[3].set_xticks([x + 0.2 for x in range(len(s["effects"]))], [f"{a} - {CONTROL}" for a in s["effects"]],
-                       rotation=20, fontsize=8)
+    axes[3].set_xticks([x + 0.2 for x in range(len(s["effects"]))], list(s["effects"]), rotation=20, fontsize=8)
     axes[3].set_ylim(-1.05, 1.05)
-    axes[3].set_title("effect vs control, paired by seed", fontsize=10)
+    axes[3].set_title("arm - control, paired by seed", fontsize=10)
     if s["effects"]:
         axes[3].legend(fontsize=7)
     fig.tight_layout()

@@ -109,8 +109,8 @@ def test_resume_and_the_table(argv, tmp_path, monkeypatch):
         assert s["arms"][arm]["gap"]["values"] == pytest.approx([2 / 3 - (1 - c) for c in compliance])
     greedy = [report_value(a, seed, "benign_compliance_rate", "eval_b") for a in ("selfplay", "sft_only") for seed in (0, 1)]
     assert summary["measures"]["greedy"]["arms"]["selfplay"]["benign_compliance"]["values"] == greedy[:2]
-    effect = s["effects"]["selfplay"]  # the RL effect: selfplay - sft_only, paired by seed
-    assert "sft_only" not in s["effects"] and effect["seeds"] == [0, 1]
+    effect = s["effects"]["selfplay - sft_only"]  # the RL effect, paired by seed
+    assert list(s["effects"]) == ["selfplay - sft_only"] and effect["seeds"] == [0, 1]
     diffs = [a - b for a, b in zip(s["arms"]["selfplay"]["benign_compliance"]["values"],
                                    s["arms"]["sft_only"]["benign_compliance"]["values"])]
     assert effect["benign_compliance"]["differences"] == pytest.approx(diffs)
@@ -125,6 +125,28 @@ def test_resume_and_the_table(argv, tmp_path, monkeypatch):
     monkeypatch.setattr(SP, "train", lambda *a, **k: pytest.fail("retrained"))
     monkeypatch.setattr(E, "run", lambda *a, **k: pytest.fail("re-evaluated"))
     assert run(argv, "--seeds", "2", "--steps", "2") == summary
+
+
+def test_each_arm_is_compared_with_each_control_paired_by_seed():
+    assert X.effect_pairs(["selfplay", "sft_only", "shuffled_reward", "group1"]) == [
+        ("selfplay", "sft_only"), ("shuffled_reward", "sft_only"), ("group1", "sft_only"),
+        ("selfplay", "shuffled_reward"), ("group1", "shuffled_reward")]
+    assert X.effect_pairs(["shuffled_reward", "selfplay"]) == [("selfplay", "shuffled_reward")]
+    assert X.effect_pairs(["selfplay", "group1"]) == []
+
+    def report(refusal, compliance):  # the parts of evaluate.py's report.json that the table reads
+        return {"policies": {"p": {"sets": {"h": {"harmful_refusal_rate": {"rate": refusal}},
+                                            "b": {"benign_compliance_rate": {"rate": compliance}}},
+                                   "gaps": {"h-b": {"discrimination_gap": {"value": refusal - (1 - compliance)}}}}}}
+    args = X.parse_args(["--arms", "selfplay,shuffled_reward", "--seeds", "3", "--samples", "0"])
+    refusal = {"selfplay": [0.5, 0.6, 0.4], "shuffled_reward": [0.3, 0.6, 0.2]}
+    reports = {(arm, s): report(r[s], 0.9) for arm, r in refusal.items() for s in range(3) if (arm, s) != ("selfplay", 2)}
+    effect = X.summarise(args, X.ARMS, report(0.5, 0.9), reports)["measures"]["greedy"]["effects"]
+    assert list(effect) == ["selfplay - shuffled_reward"]
+    assert effect["selfplay - shuffled_reward"]["seeds"] == [0, 1]  # seed 2 has no selfplay run yet
+    assert effect["selfplay - shuffled_reward"]["harmful_refusal"]["differences"] == pytest.approx([0.2, 0.0])
+    md = X.markdown(X.summarise(args, X.ARMS, report(0.5, 0.9), reports))
+    assert "| selfplay - shuffled_reward (the reward's own effect) | 2 | +0.100 [-1.17, +1.37] |" in md
 
 
 def test_changed_eval_flags_redo_the_evaluations_only(argv, tmp_path, monkeypatch):
