@@ -100,7 +100,7 @@ def measure_load(measure_conversion):
 
 def bench_selfplay(steps, batch, flags=()):
     """Mean seconds of each part of a self-play step over steps 2..N (step 1 pays one-off costs),
-    and the peak resident memory of the whole run (warm-up cached beforehand). `flags` are more
+    the peak resident memory of each part over all N steps, and of the whole run (warm-up cached beforehand). `flags` are more
     selfplay.py flags (e.g. --lora-rank 16); they win over the ones set here."""
     import selfplay as SP
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,16 +109,18 @@ def bench_selfplay(steps, batch, flags=()):
     timed = rows[1:] or rows
     parts = ["t_attacker", "t_defender", "t_judge", "t_reference", "t_old_logprobs", "t_update", "t_step"]
     result = {k: round(sum(r[k] for r in timed) / len(timed), 2) for k in parts}
+    peaks = {k: round(max(r.get(k, 0.0) for r in rows), 2) for k in rows[0] if k.startswith("peak_rss_gb_")}
     result.update(batch=batch, steps=steps, samples_per_step=round(sum(r["samples"] for r in timed) / len(timed), 1),
                   tokens_per_s=round(sum(r["tokens_per_s"] for r in timed) / len(timed), 1),
-                  peak_rss_gb=round(peak_rss_gb(), 2),
+                  peak_rss_gb=round(peak_rss_gb(), 2), **peaks,
                   selfplay_flags=" ".join(flags), threads=torch.get_num_threads(),
                   cpu=platform.processor() or platform.machine())
     if torch.cuda.is_available():
         result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(f"self-play, batch {batch}{', ' + ' '.join(flags) if flags else ''}, mean of steps 2..{steps}:")
     for k in parts:
-        print(f"  {k[2:]:<16}{result[k]:>8.2f} s")
+        peak = result.get("peak_rss_gb_" + k[2:])
+        print(f"  {k[2:]:<16}{result[k]:>8.2f} s" + (f"{peak:>8.2f} GB peak" if peak is not None else ""))
     print(json.dumps(result))
 
 

@@ -224,18 +224,22 @@ def resolve_dtype(name, device) -> torch.dtype:
 
 
 class Stopwatch:
-    """Seconds per phase: `with watch("t_judge"): ...` adds the block's time to watch.times["t_judge"]."""
+    """Seconds and peak memory per phase: `with watch("t_judge"): ...` adds the block's time to
+    watch.times["t_judge"] and keeps the largest resident size seen inside it in watch.peaks (GB;
+    on Linux, where the peak can be reset, otherwise the process's peak so far). Phases do not nest."""
 
     def __init__(self):
-        self.times = {}
+        self.times, self.peaks = {}, {}
 
     @contextmanager
     def __call__(self, name):
         t0 = time.time()
+        _reset_peak_rss()
         try:
             yield
         finally:
             self.times[name] = self.times.get(name, 0.0) + time.time() - t0
+            self.peaks[name] = max(self.peaks.get(name, 0.0), peak_rss_gb(since_reset=True))
 
 
 def release_freed_memory():
@@ -248,6 +252,36 @@ def release_freed_memory():
             pass
 
 
-def peak_rss_gb() -> float:
-    """The largest resident memory of this process so far (Linux reports it in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+# Linux resets a process's peak resident size (VmHWM) when 5 is written to /proc/self/clear_refs;
+# that is how a phase gets its own peak. The run's peak is then the largest of the peaks before each reset.
+_peak_before_resets = 0.0
+
+
+def _hwm_gb():
+    """The peak resident size since the last reset (VmHWM), or None where /proc has no such line."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # KiB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss():
+    global _peak_before_resets
+    _peak_before_resets = peak_rss_gb()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_gb(since_reset=False) -> float:
+    """The largest resident memory of this process so far, or since the last phase began."""
+    hwm = _hwm_gb()
+    if hwm is None:  # not Linux: the OS's peak for the whole process (KiB on Linux, bytes on macOS)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
+    return hwm if since_reset else max(hwm, _peak_before_resets)

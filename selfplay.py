@@ -307,7 +307,7 @@ def train(cfg: Config, judge=None):
                     stats = ppo_update(policy, optimizer, samples, plan, old_logp, ref_logp, update, pad_id, gen, demos)
                 stats["old_logprobs_from_sampler"] = int(from_sampler)
                 release_freed_memory()
-            row = step_row(step, games, samples, stats, watch.times, attack, defence, time.time() - t0)
+            row = step_row(step, games, samples, stats, watch, attack, defence, time.time() - t0)
             append_jsonl(out / "games.jsonl", [{"step": step, **g, "labels": label_words(g["labels"])} for g in games])
             append_jsonl(out / "metrics.jsonl", [row])
             rows.append(row)
@@ -320,16 +320,18 @@ def train(cfg: Config, judge=None):
     return out, step, rows
 
 
-def step_row(step, games, samples, stats, times, attack, defence, seconds) -> dict:
+def step_row(step, games, samples, stats, watch, attack, defence, seconds) -> dict:
     """A step's line of metrics.jsonl: the games' rates, each role's mean reward, the update's
-    diagnostics, seconds per phase, generated tokens per second, and the peak memory so far."""
+    diagnostics, seconds and peak memory per phase (t_X, peak_rss_gb_X), generated tokens per
+    second, and the peak memory so far."""
+    times = watch.times
     turns = [t for t in (attack.turn, defence.turn) if t is not None]
     tokens_per_s = sum(int(t.sample.mask.sum()) for t in turns) / max(times["t_attacker"] + times["t_defender"], 1e-9)
     row = {"step": step, "time": round(time.time(), 1), **game_metrics(games),
            "reward_attacker": mean([s.reward for s in samples if s.role == rl.ATTACKER]),
            "reward_defender": mean([s.reward for s in samples if s.role == rl.DEFENDER]),
            "samples": len(samples), **stats, **times, "tokens_per_s": tokens_per_s, "t_step": seconds,
-           "peak_rss_gb": peak_rss_gb()}
+           **{"peak_rss_gb_" + k[2:]: v for k, v in watch.peaks.items()}, "peak_rss_gb": peak_rss_gb()}
     return {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}
 
 

@@ -18,7 +18,8 @@ def fake_train(monkeypatch):
 
     def train(cfg, judge=None):
         seen.append(cfg)
-        rows = [{"step": k, "samples": 12, "tokens_per_s": 100.0 * k, **{p: float(k) for p in PARTS}}
+        rows = [{"step": k, "samples": 12, "tokens_per_s": 100.0 * k, **{p: float(k) for p in PARTS},
+                 "peak_rss_gb_update": 4.0 - k}
                 for k in range(1, cfg.steps + 1)]
         return cfg.out, cfg.steps, rows
     monkeypatch.setattr(SP, "train", train)
@@ -33,6 +34,7 @@ def test_selfplay_steps_print_each_part_and_memory_and_pass_flags_after_the_sepa
     for key in (*PARTS, "peak_rss_gb", "samples_per_step", "tokens_per_s"):
         assert key in result, key
     assert result["t_step"] == 2.5  # the mean of steps 2..3: step 1 pays one-off costs
+    assert result["peak_rss_gb_update"] == 3.0  # a part's peak is the largest over all steps, step 1 included
     assert result["selfplay_flags"] == "--lora-rank 16 --no-grad-batch 8"
 
 

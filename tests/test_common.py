@@ -1,6 +1,7 @@
 """common.py: one-line user errors, writing aside, the JSONL reader, prompt-file layouts, device and
 dtype, the stopwatch."""
 import json
+import sys
 import time
 
 import pytest
@@ -138,4 +139,18 @@ def test_the_stopwatch_adds_up_each_phase_also_when_it_fails():
             time.sleep(0.01)
     with pytest.raises(ValueError), watch("t_b"):
         raise ValueError
-    assert 0.02 <= watch.times["t_a"] < 1 and "t_b" in watch.times
+    assert 0.02 <= watch.times["t_a"] < 1 and "t_b" in watch.times and "t_b" in watch.peaks
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a phase's own peak needs Linux's /proc")
+def test_each_phase_has_its_own_peak_memory_and_the_run_keeps_the_largest():
+    watch = C.Stopwatch()
+    with watch("t_big"):
+        big = torch.ones(2**27)  # 0.5 GB, touched
+        del big
+    with watch("t_small"):
+        small = torch.ones(2**20)
+        del small
+    before = C.peak_rss_gb()
+    assert watch.peaks["t_big"] >= watch.peaks["t_small"] + 0.4  # the second phase does not inherit the first's peak
+    assert before >= watch.peaks["t_big"]  # the run's peak is not lost by the reset
